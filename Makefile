@@ -1,0 +1,43 @@
+# make align   aligns a small real sample (or INPUT=... OUTPUT=...)
+# make test    runs the whole suite
+# make bench   measures photos/s against facenet's original loop (DATA=... picks the folder)
+# Each makes its own virtualenv (.venv) and installs what it needs.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+SAMPLE := sample
+INPUT  ?= $(SAMPLE)
+OUTPUT ?= $(SAMPLE)_aligned
+DATA   ?= $(SAMPLE)
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+
+.PHONY: align test bench weights venv clean
+
+venv: $(VENV)/.installed
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	# the reference implementation, for parity tests and benchmarks only (its declared
+	# dependencies are TF1-era; what it needs to run is in the test extra)
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps facenet==1.0.5
+	touch $@
+
+weights: venv
+	@$(PY) -m facenet_nets.weights >/dev/null
+
+$(SAMPLE)/.complete: data/samples.py | venv
+	$(PY) data/samples.py $(SAMPLE)
+	touch $@
+
+align: venv weights $(if $(filter $(SAMPLE),$(INPUT)),$(SAMPLE)/.complete)
+	$(VENV)/bin/align_dataset $(INPUT) $(OUTPUT)
+
+test: venv weights
+	$(PY) -m pytest -q
+
+bench: venv weights $(if $(filter $(SAMPLE),$(DATA)),$(SAMPLE)/.complete)
+	$(PY) bench/bench.py $(DATA)
+
+clean:
+	rm -rf $(VENV) $(SAMPLE) $(SAMPLE)_aligned bench/out

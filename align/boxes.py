@@ -1,0 +1,137 @@
+"""MTCNN box math, pure numpy, faithful to facenet's detect_face.py.
+
+Boxes are float64 rows [x1, y1, x2, y2, score, ...] in pixels of the input image. facenet's
+code (after the MATLAB original) treats x1..x2 as inclusive 1-based pixel indices in `pad`
+and adds 1 to widths in NMS areas and `bbreg`, but not in the P-Net regression: each function
+below says which convention it follows.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+STRIDE = 2      # P-Net output cell step, in pixels of the pyramid level
+CELL = 12       # P-Net receptive field, in pixels of the pyramid level
+
+
+def pyramid_scales(height: int, width: int, minsize: float, factor: float) -> list[float]:
+    """Scales of the image pyramid: m * factor**k for k = 0, 1, ... while the shorter side of
+    the scaled image, min(h, w) * m * factor**k, is at least 12 px; m = 12 / minsize."""
+    m = 12.0 / minsize
+    minl = min(height, width) * m
+    scales = []
+    k = 0
+    while minl >= 12:
+        scales.append(m * np.power(factor, k))
+        minl *= factor
+        k += 1
+    return scales
+
+
+def level_size(height: int, width: int, scale: float) -> tuple[int, int]:
+    """(rows, cols) of the pyramid level at `scale`: ceil of the scaled size."""
+    return int(np.ceil(height * scale)), int(np.ceil(width * scale))
+
+
+def generate_boxes(prob: np.ndarray, reg: np.ndarray, scale: float, threshold: float,
+                   mirror_lone_cell: bool = True) -> np.ndarray:
+    """Candidate boxes from one P-Net output map.
+
+    prob: (rows, cols) face probability; reg: (rows, cols, 4) regression (dx1, dy1, dx2, dy2).
+    Returns (K, 9) rows [x1, y1, x2, y2, score, dx1, dy1, dx2, dy2], x/y in pixels of the input
+    image, for each cell with prob >= threshold, ordered column by column as facenet orders them.
+
+    mirror_lone_cell: facenet reads the regression of a lone passing cell (exactly one cell over
+    the threshold) from the cell mirrored across the vertical axis of the map (an `np.flipud`
+    that its MATLAB port kept for a case MATLAB's `find` returned a row vector). We keep it on:
+    it is what facenet outputs, and datasets aligned with facenet carry it. Measured on the 204
+    photos of shared faces/dev (bench/lone_cell.py): a lone cell passes on some pyramid levels,
+    but turning the quirk off changes no final detection (same faces, boxes within 1e-9 px), as
+    such boxes nearly always lose to overlapping boxes of other scales in NMS.
+    """
+    cols, rows = np.where(prob.T >= threshold)      # facenet's order: by column, then row
+    score = prob[rows, cols]
+    src_cols = cols
+    if mirror_lone_cell and cols.shape[0] == 1:
+        src_cols = prob.shape[1] - 1 - cols
+    offsets = reg[rows, src_cols, :]
+    x1 = np.fix((STRIDE * cols + 1) / scale)
+    y1 = np.fix((STRIDE * rows + 1) / scale)
+    x2 = np.fix((STRIDE * cols + CELL) / scale)
+    y2 = np.fix((STRIDE * rows + CELL) / scale)
+    return np.column_stack([x1, y1, x2, y2, score, offsets]).astype(np.float64).reshape(-1, 9)
+
+
+def nms(boxes: np.ndarray, threshold: float, method: str = "union") -> np.ndarray:
+    """Greedy non-maximum suppression; indices of the kept boxes, highest score first.
+
+    Areas count inclusive pixels, (x2 - x1 + 1) * (y2 - y1 + 1). A box is dropped when its
+    overlap with a kept box exceeds `threshold`; overlap is intersection over union
+    ("union") or over the smaller area ("min"). Ties in score are broken as facenet's
+    np.argsort (the default, unstable kind) breaks them, so the same input gives its order."""
+    if boxes.shape[0] == 0:
+        return np.zeros(0, dtype=np.intp)
+    x1, y1, x2, y2, s = (boxes[:, i] for i in range(5))
+    area = (x2 - x1 + 1) * (y2 - y1 + 1)
+    order = np.argsort(s)
+    keep = []
+    while order.size > 0:
+        i = order[-1]
+        keep.append(i)
+        rest = order[:-1]
+        w = np.maximum(0.0, np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]) + 1)
+        h = np.maximum(0.0, np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]) + 1)
+        inter = w * h
+        if method == "min":
+            overlap = inter / np.minimum(area[i], area[rest])
+        elif method == "union":
+            overlap = inter / (area[i] + area[rest] - inter)
+        else:
+            raise ValueError(f"method must be 'union' or 'min', not {method!r}")
+        order = rest[overlap <= threshold]
+    return np.asarray(keep, dtype=np.intp)
+
+
+def pnet_regress(boxes: np.ndarray) -> np.ndarray:
+    """Apply P-Net's regression columns 5..8 of (K, 9) candidates; returns (K, 5) boxes
+    [x1, y1, x2, y2, score]. Offsets scale with x2 - x1 (no +1, as facenet)."""
+    w = boxes[:, 2] - boxes[:, 0]
+    h = boxes[:, 3] - boxes[:, 1]
+    return np.column_stack([boxes[:, 0] + boxes[:, 5] * w, boxes[:, 1] + boxes[:, 6] * h,
+                            boxes[:, 2] + boxes[:, 7] * w, boxes[:, 3] + boxes[:, 8] * h,
+                            boxes[:, 4]])
+
+
+def bbreg(boxes: np.ndarray, reg: np.ndarray) -> np.ndarray:
+    """Apply R-Net/O-Net regression (K, 4) to boxes (K, >=4); offsets scale with the
+    inclusive size x2 - x1 + 1. Returns a new array; columns past 4 are kept."""
+    out = boxes.astype(np.float64, copy=True)
+    w = boxes[:, 2] - boxes[:, 0] + 1
+    h = boxes[:, 3] - boxes[:, 1] + 1
+    out[:, 0] += reg[:, 0] * w
+    out[:, 1] += reg[:, 1] * h
+    out[:, 2] += reg[:, 2] * w
+    out[:, 3] += reg[:, 3] * h
+    return out
+
+
+def rerec(boxes: np.ndarray) -> np.ndarray:
+    """Square each box on its centre, side max(x2 - x1, y2 - y1). Returns a new array."""
+    out = boxes.astype(np.float64, copy=True)
+    w = boxes[:, 2] - boxes[:, 0]
+    h = boxes[:, 3] - boxes[:, 1]
+    side = np.maximum(w, h)
+    out[:, 0] = boxes[:, 0] + w * 0.5 - side * 0.5
+    out[:, 1] = boxes[:, 1] + h * 0.5 - side * 0.5
+    out[:, 2] = out[:, 0] + side
+    out[:, 3] = out[:, 1] + side
+    return out
+
+
+def crop_windows(boxes: np.ndarray) -> np.ndarray:
+    """The image region facenet's `pad` crops for integer boxes, as (K, 4) pixel edges
+    [left, top, right, bottom] of the input image (0-based, right/bottom exclusive).
+
+    facenet reads x1..x2 as 1-based inclusive columns, so the crop starts at edge x1 - 1 and
+    is x2 - x1 + 1 wide; the part outside the image is filled with zeros."""
+    b = np.asarray(boxes[:, :4], dtype=np.float64)
+    return np.column_stack([b[:, 0] - 1, b[:, 1] - 1, b[:, 2], b[:, 3]])

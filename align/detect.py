@@ -1,0 +1,224 @@
+"""The MTCNN cascade, faithful to facenet's detect_face, batched over images.
+
+    pyramid -> P-Net (batched over images sharing a source and level size)
+            -> per-level NMS 0.5 -> per-image NMS 0.7 -> P-Net regression, square, truncate
+            -> 24x24 crops -> R-Net (all images at once) -> score > t2, NMS 0.7, bbreg, square
+            -> truncate -> 48x48 crops -> O-Net -> score > t3, landmarks, bbreg, NMS 0.7 Min
+
+Images are HxWx3 uint8 RGB; boxes and landmarks come back in their pixels. The nets run in
+TensorFlow; everything between them is numpy on float64, as in facenet. Each image's result
+depends on that image alone (tests check it against detecting it by itself).
+"""
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+import tensorflow as tf
+
+from align import boxes as bx
+from align.resample import area_crops, summed_area_table
+from facenet_nets.nets import Nets, build_nets
+
+NORM_MEAN, NORM_SCALE = 127.5, 0.0078125
+MAX_LEVEL_PIXELS = 8_000_000     # pyramid pixels per P-Net call (bounds activation memory)
+MAX_CROPS = 2048                 # candidates per R-Net / O-Net call
+
+
+@dataclass(frozen=True)
+class DetectParams:
+    """minsize: smallest face searched for, pixels of the input image; thresholds: P/R/O-Net
+    face probabilities to pass; factor: scale step between pyramid levels."""
+    minsize: float = 20
+    thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7)
+    factor: float = 0.709
+
+    def __post_init__(self):
+        if not self.minsize > 0:
+            raise ValueError(f"minsize must be > 0, not {self.minsize}")
+        if len(self.thresholds) != 3 or not all(0 <= t <= 1 for t in self.thresholds):
+            raise ValueError(f"thresholds must be three numbers in [0, 1], not {self.thresholds}")
+        if not 0 < self.factor < 1:
+            raise ValueError(f"factor must be in (0, 1), not {self.factor}")
+        object.__setattr__(self, "thresholds", tuple(float(t) for t in self.thresholds))
+
+
+@dataclass(frozen=True)
+class Faces:
+    """Faces found in one image, highest-ranked first (facenet's order).
+    boxes: (N, 4) float64 x1, y1, x2, y2; scores: (N,) O-Net probability;
+    landmarks: (N, 5, 2) (x, y) of left eye, right eye, nose, mouth left, mouth right.
+    Coordinates are pixels of the input image."""
+    boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)))
+    scores: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    landmarks: np.ndarray = field(default_factory=lambda: np.zeros((0, 5, 2)))
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+
+def as_rgb(image) -> np.ndarray:
+    """HxWx3 uint8 RGB from HxW (gray), HxWx1, HxWx3 or HxWx4 (RGBA, alpha dropped) uint8."""
+    a = np.asarray(image)
+    if a.dtype != np.uint8:
+        raise ValueError(f"image must be uint8, not {a.dtype}")
+    if a.ndim == 2:
+        a = a[:, :, None]
+    if a.ndim != 3 or a.shape[2] not in (1, 3, 4):
+        raise ValueError(f"image must be HxW, HxWx1, HxWx3 or HxWx4, not shape {a.shape}")
+    if a.shape[0] == 0 or a.shape[1] == 0:
+        raise ValueError(f"image is empty: shape {a.shape}")
+    if a.shape[2] == 1:
+        a = np.repeat(a, 3, axis=2)
+    return np.ascontiguousarray(a[:, :, :3])
+
+
+class Detector:
+    """The three nets, loaded once, and the cascade over them."""
+
+    def __init__(self, weights_dir: str | os.PathLike | None = None, nets: Nets | None = None):
+        self.nets = nets or build_nets(weights_dir)
+        pnet = self.nets.pnet_model
+
+        @tf.function(input_signature=[tf.TensorSpec((None, None, None, 3), tf.uint8),
+                                      tf.TensorSpec((2,), tf.int32)])
+        def pnet_levels(images, size):
+            # facenet's pyramid: INTER_AREA to uint8 (TF's area resize, rounded half up)
+            level = tf.floor(tf.image.resize(images, size, method="area") + 0.5)
+            reg, prob = pnet((level - NORM_MEAN) * NORM_SCALE, training=False)
+            return reg, prob[..., 1]
+
+        self.pnet_levels = pnet_levels
+
+    def trace_counts(self) -> dict[str, int]:
+        counts = self.nets.trace_counts()
+        counts["pnet_levels"] = self.pnet_levels.experimental_get_tracing_count()
+        return counts
+
+    def detect(self, image, params: DetectParams = DetectParams()) -> Faces:
+        return self.detect_batch([image], params)[0]
+
+    def detect_batch(self, images, params: DetectParams = DetectParams()) -> list[Faces]:
+        """Faces of each image; each result equals that of detecting the image alone."""
+        images = [as_rgb(im) for im in images]
+        t1, t2, t3 = params.thresholds
+        cands = self._stage1(images, params)
+        sats = [summed_area_table(im) if len(c) else None for im, c in zip(images, cands)]
+        # R-Net
+        crops = [_normalise(area_crops(s, bx.crop_windows(c), 24)) if len(c) else None
+                 for s, c in zip(sats, cands)]
+        outs = _run_split(self.nets.rnet, crops)
+        for i, out in enumerate(outs):
+            if out is None:
+                continue
+            reg, prob = out
+            keep = prob[:, 1] > t2
+            c = np.column_stack([cands[i][keep, :4], prob[keep, 1]])
+            reg = reg[keep]
+            pick = bx.nms(c, 0.7, "union")
+            cands[i] = np.fix(bx.rerec(bx.bbreg(c[pick], reg[pick])))
+        # O-Net
+        crops = [_normalise(area_crops(s, bx.crop_windows(c), 48)) if len(c) else None
+                 for s, c in zip(sats, cands)]
+        outs = _run_split(self.nets.onet, crops)
+        results = []
+        for i, out in enumerate(outs):
+            if out is None:
+                results.append(Faces())
+                continue
+            reg, marks, prob = out
+            keep = prob[:, 1] > t3
+            c = np.column_stack([cands[i][keep, :4], prob[keep, 1]])
+            reg, marks = reg[keep], marks[keep].astype(np.float64)
+            w = (c[:, 2] - c[:, 0] + 1)[:, None]
+            h = (c[:, 3] - c[:, 1] + 1)[:, None]
+            landmarks = np.stack([w * marks[:, :5] + c[:, 0:1] - 1,
+                                  h * marks[:, 5:] + c[:, 1:2] - 1], axis=-1)
+            c = bx.bbreg(c, reg)
+            pick = bx.nms(c, 0.7, "min")
+            results.append(Faces(c[pick, :4], c[pick, 4], landmarks[pick]))
+        return results
+
+    def _stage1(self, images: list[np.ndarray], params: DetectParams) -> list[np.ndarray]:
+        """P-Net candidates per image: (K, 4) integer-valued float boxes after NMS, P-Net
+        regression, squaring and truncation; the pyramid of images of one size runs batched."""
+        t1 = params.thresholds[0]
+        per_level: dict[tuple[int, int], np.ndarray] = {}
+        plans: list[list[tuple[float, tuple[int, int]]]] = []
+        groups: dict[tuple, list[int]] = {}
+        for i, im in enumerate(images):
+            h, w = im.shape[:2]
+            plan = [(s, bx.level_size(h, w, s)) for s in bx.pyramid_scales(h, w, params.minsize, params.factor)]
+            plans.append(plan)
+            for level, (scale, size) in enumerate(plan):
+                groups.setdefault((h, w, size, scale), []).append(i)
+        for (h, w, size, scale), members in groups.items():
+            step = max(1, MAX_LEVEL_PIXELS // (size[0] * size[1]))
+            level = plans[members[0]].index((scale, size))
+            for start in range(0, len(members), step):
+                chunk = members[start:start + step]
+                reg, prob = self.pnet_levels(np.stack([images[i] for i in chunk]),
+                                             np.asarray(size, np.int32))
+                reg, prob = reg.numpy(), prob.numpy()
+                for j, i in enumerate(chunk):
+                    b = bx.generate_boxes(prob[j], reg[j], scale, t1)
+                    per_level[(i, level)] = b[bx.nms(b, 0.5, "union")]
+        out = []
+        for i, plan in enumerate(plans):
+            c = np.concatenate([per_level[(i, k)] for k in range(len(plan))] or [np.zeros((0, 9))])
+            c = c[bx.nms(c, 0.7, "union")]
+            c = bx.rerec(bx.pnet_regress(c))
+            c[:, :4] = np.fix(c[:, :4])
+            out.append(c)
+        return out
+
+
+def _normalise(crops: np.ndarray) -> np.ndarray:
+    return ((crops - NORM_MEAN) * NORM_SCALE).astype(np.float32)
+
+
+def _run_split(net, batches: list[np.ndarray | None]) -> list[tuple | None]:
+    """Run `net` over the concatenation of the non-empty batches, in calls of at most
+    MAX_CROPS rows; give each batch back its own rows of every output."""
+    parts = [b for b in batches if b is not None]
+    if not parts:
+        return [None] * len(batches)
+    x = np.concatenate(parts)
+    chunks = [[o.numpy() for o in net(x[s:s + MAX_CROPS])] for s in range(0, len(x), MAX_CROPS)]
+    outs = [np.concatenate(o) for o in zip(*chunks)]
+    result, start = [], 0
+    for b in batches:
+        if b is None:
+            result.append(None)
+            continue
+        result.append(tuple(o[start:start + len(b)] for o in outs))
+        start += len(b)
+    return result
+
+
+_detector: Detector | None = None
+_lock = threading.Lock()
+
+
+def default_detector() -> Detector:
+    """The process's detector, built on first use (weights found or fetched as
+    facenet_nets.weights says)."""
+    global _detector
+    with _lock:
+        if _detector is None:
+            _detector = Detector()
+        return _detector
+
+
+def detect_faces(image, *, minsize: float = 20, thresholds=(0.6, 0.7, 0.7),
+                 factor: float = 0.709) -> Faces:
+    """Faces in one HxWx3 (or HxW gray, HxWx4 RGBA) uint8 RGB image; see Faces."""
+    return default_detector().detect(image, DetectParams(minsize, tuple(thresholds), factor))
+
+
+def detect_faces_batch(images, *, minsize: float = 20, thresholds=(0.6, 0.7, 0.7),
+                       factor: float = 0.709) -> list[Faces]:
+    """detect_faces over a list of images of any sizes, run together; one Faces per image."""
+    return default_detector().detect_batch(list(images), DetectParams(minsize, tuple(thresholds), factor))

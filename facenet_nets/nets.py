@@ -1,0 +1,140 @@
+"""P-Net, R-Net and O-Net as Keras models built from facenet's weight dicts, by layer name.
+
+facenet (after the Caffe originals) feeds every net the image transposed, (N, W, H, C). These
+models take images the usual way, (N, H, W, C), and compensate once, in the weights:
+- each conv kernel is transposed in its two spatial axes (HWIO -> WHIO), so a conv over the
+  untransposed image gives the untransposed result of facenet's conv;
+- the first dense layer of R-Net and O-Net reads a flattened feature map whose order facenet
+  takes from the transposed (W', H', C) map; its weight rows are permuted to the (H', W', C)
+  order that Flatten produces here.
+Max pooling is symmetric in H and W (square windows, SAME padding adds at the end of both), so
+it needs nothing. Outputs therefore equal facenet's, transposed back where facenet does so.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import tensorflow as tf
+import keras
+from keras import layers
+
+from facenet_nets.weights import load_weights
+
+
+def _conv(x, filters: int, size: int, name: str):
+    return layers.Conv2D(filters, size, padding="valid", name=name)(x)
+
+
+def _prelu(x, name: str):
+    shared = [1, 2] if len(x.shape) == 4 else None
+    return layers.PReLU(shared_axes=shared, name=name)(x)
+
+
+def _pool(x, size: int, padding: str, name: str):
+    return layers.MaxPooling2D(size, strides=2, padding=padding, name=name)(x)
+
+
+def _set(model: keras.Model, weights: dict) -> keras.Model:
+    """Copy facenet's {layer: {param: array}} into the model's layers of the same names."""
+    for layer in model.layers:
+        if layer.name not in weights:
+            continue
+        params = weights[layer.name]
+        if isinstance(layer, layers.Conv2D):
+            kernel = np.transpose(params["weights"], (1, 0, 2, 3))
+            layer.set_weights([kernel, params["biases"]])
+        elif isinstance(layer, layers.PReLU):
+            layer.set_weights([params["alpha"].reshape(layer.get_weights()[0].shape)])
+        elif isinstance(layer, layers.Dense):
+            kernel = params["weights"]
+            flat_in = layer.input.shape[-1]
+            if getattr(layer, "_feature_map_shape", None) is not None:
+                h, w, c = layer._feature_map_shape
+                kernel = kernel.reshape(w, h, c, -1).transpose(1, 0, 2, 3).reshape(flat_in, -1)
+            layer.set_weights([kernel, params["biases"]])
+    missing = {l.name for l in model.layers if l.weights} - set(weights)
+    if missing:
+        raise ValueError(f"weights lack layers {sorted(missing)}")
+    return model
+
+
+def _dense_after_map(x, units: int, name: str):
+    """A dense layer over a flattened (H', W', C) map; remembers the map shape for `_set`."""
+    shape = tuple(int(d) for d in x.shape[1:])
+    dense = layers.Dense(units, name=name)
+    dense._feature_map_shape = shape
+    return dense(layers.Flatten()(x))
+
+
+def build_pnet(weights: dict) -> keras.Model:
+    """P-Net: (N, H, W, 3) normalised image -> (box regression (N, H', W', 4), face
+    probability (N, H', W', 2)), H' = ceil((H - 2) / 2) - 4; any H, W >= 12."""
+    x = inp = keras.Input((None, None, 3), name="data")
+    x = _prelu(_conv(x, 10, 3, "conv1"), "PReLU1")
+    x = _pool(x, 2, "same", "pool1")
+    x = _prelu(_conv(x, 16, 3, "conv2"), "PReLU2")
+    x = _prelu(_conv(x, 32, 3, "conv3"), "PReLU3")
+    prob = layers.Softmax(axis=-1, name="prob1")(_conv(x, 2, 1, "conv4-1"))
+    reg = _conv(x, 4, 1, "conv4-2")
+    return _set(keras.Model(inp, [reg, prob], name="pnet"), weights)
+
+
+def build_rnet(weights: dict) -> keras.Model:
+    """R-Net: (N, 24, 24, 3) -> (box regression (N, 4), face probability (N, 2))."""
+    x = inp = keras.Input((24, 24, 3), name="data")
+    x = _pool(_prelu(_conv(x, 28, 3, "conv1"), "prelu1"), 3, "same", "pool1")
+    x = _pool(_prelu(_conv(x, 48, 3, "conv2"), "prelu2"), 3, "valid", "pool2")
+    x = _prelu(_conv(x, 64, 2, "conv3"), "prelu3")
+    x = _prelu(_dense_after_map(x, 128, "conv4"), "prelu4")
+    prob = layers.Softmax(axis=-1, name="prob1")(layers.Dense(2, name="conv5-1")(x))
+    reg = layers.Dense(4, name="conv5-2")(x)
+    return _set(keras.Model(inp, [reg, prob], name="rnet"), weights)
+
+
+def build_onet(weights: dict) -> keras.Model:
+    """O-Net: (N, 48, 48, 3) -> (box regression (N, 4), landmarks (N, 10) as facenet orders
+    them (5 x then 5 y, fractions of the box), face probability (N, 2))."""
+    x = inp = keras.Input((48, 48, 3), name="data")
+    x = _pool(_prelu(_conv(x, 32, 3, "conv1"), "prelu1"), 3, "same", "pool1")
+    x = _pool(_prelu(_conv(x, 64, 3, "conv2"), "prelu2"), 3, "valid", "pool2")
+    x = _pool(_prelu(_conv(x, 64, 3, "conv3"), "prelu3"), 2, "same", "pool3")
+    x = _prelu(_conv(x, 128, 2, "conv4"), "prelu4")
+    x = _prelu(_dense_after_map(x, 256, "conv5"), "prelu5")
+    prob = layers.Softmax(axis=-1, name="prob1")(layers.Dense(2, name="conv6-1")(x))
+    reg = layers.Dense(4, name="conv6-2")(x)
+    landmarks = layers.Dense(10, name="conv6-3")(x)
+    return _set(keras.Model(inp, [reg, landmarks, prob], name="onet"), weights)
+
+
+@dataclass(frozen=True)
+class Nets:
+    """The three models, each behind one tf.function traced once for every input shape
+    (P-Net's spatial size and all batch sizes are dynamic in its signature)."""
+    pnet_model: keras.Model
+    rnet_model: keras.Model
+    onet_model: keras.Model
+    pnet: tf.types.experimental.GenericFunction
+    rnet: tf.types.experimental.GenericFunction
+    onet: tf.types.experimental.GenericFunction
+
+    def trace_counts(self) -> dict[str, int]:
+        return {name: getattr(self, name).experimental_get_tracing_count()
+                for name in ("pnet", "rnet", "onet")}
+
+
+def _traced(model: keras.Model, shape) -> tf.types.experimental.GenericFunction:
+    spec = tf.TensorSpec(shape, tf.float32)
+    return tf.function(lambda x: model(x, training=False), input_signature=[spec])
+
+
+def build_nets(weights_dir: str | os.PathLike | None = None) -> Nets:
+    """Load and verify det1..3.npy (see facenet_nets.weights) and build the three nets."""
+    pnet = build_pnet(load_weights("det1.npy", weights_dir))
+    rnet = build_rnet(load_weights("det2.npy", weights_dir))
+    onet = build_onet(load_weights("det3.npy", weights_dir))
+    return Nets(pnet, rnet, onet,
+                _traced(pnet, (None, None, None, 3)),
+                _traced(rnet, (None, 24, 24, 3)),
+                _traced(onet, (None, 48, 48, 3)))
