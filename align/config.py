@@ -1,0 +1,63 @@
+"""One frozen Config for a run: every default is decided here, read by the CLI, the Python
+entry point and `make align` alike."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from align.detect import DetectParams
+
+FORMATS = ("png", "jpg")
+
+
+def default_workers() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class Config:
+    """image_size: side of the written thumbnails, pixels; margin: pixels of the input image
+    added around the detected box in total (half on each side) before cropping;
+    detect_multiple_faces: write every face, not only the central, largest one;
+    random_order: process identities and their images in random order (the output is the same);
+    gpu_memory_fraction: upper bound of GPU memory per worker process, when a GPU is used;
+    workers: processes; min_face_size, thresholds, factor: the detector's (see DetectParams);
+    format: of the thumbnails; overwrite: redo everything instead of resuming;
+    quiet: no progress output."""
+    image_size: int = 182
+    margin: int = 44
+    detect_multiple_faces: bool = False
+    random_order: bool = False
+    gpu_memory_fraction: float = 1.0
+    workers: int = field(default_factory=default_workers)
+    min_face_size: float = 20
+    thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7)
+    factor: float = 0.709
+    format: str = "png"
+    overwrite: bool = False
+    quiet: bool = False
+
+    def __post_init__(self):
+        if self.image_size < 1:
+            raise ValueError(f"image_size must be >= 1, not {self.image_size}")
+        if self.margin < 0:
+            raise ValueError(f"margin must be >= 0, not {self.margin}")
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, not {self.workers}")
+        if not 0 < self.gpu_memory_fraction <= 1:
+            raise ValueError(f"gpu_memory_fraction must be in (0, 1], not {self.gpu_memory_fraction}")
+        if self.format not in FORMATS:
+            raise ValueError(f"format must be one of {FORMATS}, not {self.format!r}")
+        object.__setattr__(self, "thresholds", tuple(float(t) for t in self.thresholds))
+        self.detect_params  # validates the detector's parameters too
+
+    @property
+    def detect_params(self) -> DetectParams:
+        return DetectParams(self.min_face_size, self.thresholds, self.factor)
+
+    @property
+    def extension(self) -> str:
+        return "." + self.format
