@@ -41,12 +41,12 @@ def generate_boxes(prob: np.ndarray, reg: np.ndarray, scale: float, threshold: f
     image, for each cell with prob >= threshold, ordered column by column as facenet orders them.
 
     mirror_lone_cell: facenet reads the regression of a lone passing cell (exactly one cell over
-    the threshold) from the cell mirrored across the vertical axis of the map (an `np.flipud`
-    that its MATLAB port kept for a case MATLAB's `find` returned a row vector). We keep it on:
-    it is what facenet outputs, and datasets aligned with facenet carry it. Measured on the 204
-    photos of shared faces/dev (bench/lone_cell.py): a lone cell passes on some pyramid levels,
-    but turning the quirk off changes no final detection (same faces, boxes within 1e-9 px), as
-    such boxes nearly always lose to overlapping boxes of other scales in NMS.
+    the threshold on a level) from the cell mirrored across the map's vertical axis: an
+    `np.flipud` of the MATLAB port, where `find` returns a row vector in that one case. It is a
+    bug, but it changes what facenet outputs: on the 204 photos of shared faces/dev, turning it
+    off (bench/parity_dev.py --no-lone-cell-quirk) makes one photo gain a face facenet does not
+    find (Farida_Jalal/FaridaJalal_33.jpg) and moves one box by 1.93 px. Datasets aligned with
+    facenet carry it, so the detector keeps it (True); False is there to measure it.
     """
     cols, rows = np.where(prob.T >= threshold)      # facenet's order: by column, then row
     score = prob[rows, cols]

@@ -5,9 +5,26 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from align.detect import DetectParams
 
 FORMATS = ("png", "jpg")
+
+
+@dataclass(frozen=True)
+class DetectParams:
+    """minsize: smallest face searched for, pixels of the input image; thresholds: P/R/O-Net
+    face probabilities to pass; factor: scale step between pyramid levels."""
+    minsize: float = 20
+    thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7)
+    factor: float = 0.709
+
+    def __post_init__(self):
+        if not self.minsize > 0:
+            raise ValueError(f"minsize must be > 0, not {self.minsize}")
+        if len(self.thresholds) != 3 or not all(0 <= t <= 1 for t in self.thresholds):
+            raise ValueError(f"thresholds must be three numbers in [0, 1], not {self.thresholds}")
+        if not 0 < self.factor < 1:
+            raise ValueError(f"factor must be in (0, 1), not {self.factor}")
+        object.__setattr__(self, "thresholds", tuple(float(t) for t in self.thresholds))
 
 
 def default_workers() -> int:

@@ -19,30 +19,17 @@ import numpy as np
 import tensorflow as tf
 
 from align import boxes as bx
+from align.config import DetectParams
 from align.resample import area_crops, summed_area_table
 from facenet_nets.nets import Nets, build_nets
 
 NORM_MEAN, NORM_SCALE = 127.5, 0.0078125
 MAX_LEVEL_PIXELS = 8_000_000     # pyramid pixels per P-Net call (bounds activation memory)
 MAX_CROPS = 2048                 # candidates per R-Net / O-Net call
-
-
-@dataclass(frozen=True)
-class DetectParams:
-    """minsize: smallest face searched for, pixels of the input image; thresholds: P/R/O-Net
-    face probabilities to pass; factor: scale step between pyramid levels."""
-    minsize: float = 20
-    thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7)
-    factor: float = 0.709
-
-    def __post_init__(self):
-        if not self.minsize > 0:
-            raise ValueError(f"minsize must be > 0, not {self.minsize}")
-        if len(self.thresholds) != 3 or not all(0 <= t <= 1 for t in self.thresholds):
-            raise ValueError(f"thresholds must be three numbers in [0, 1], not {self.thresholds}")
-        if not 0 < self.factor < 1:
-            raise ValueError(f"factor must be in (0, 1), not {self.factor}")
-        object.__setattr__(self, "thresholds", tuple(float(t) for t in self.thresholds))
+# R-Net and O-Net calls are padded to a multiple of this many rows: with fewer than 4 rows
+# oneDNN takes another GEMM path whose float rounding differs, which would make an image's
+# boxes depend on how many candidates its batch happened to hold.
+ROW_MULTIPLE = 16
 
 
 @dataclass(frozen=True)
@@ -186,6 +173,9 @@ def _run_split(net, batches: list[np.ndarray | None]) -> list[tuple | None]:
     if not parts:
         return [None] * len(batches)
     x = np.concatenate(parts)
+    pad = -len(x) % ROW_MULTIPLE
+    if pad:
+        x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
     chunks = [[o.numpy() for o in net(x[s:s + MAX_CROPS])] for s in range(0, len(x), MAX_CROPS)]
     outs = [np.concatenate(o) for o in zip(*chunks)]
     result, start = [], 0

@@ -48,6 +48,7 @@ def write_atomic(dest: Path, data: bytes) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o644)        # mkstemp makes 0600; outputs are for everyone to read
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -1,0 +1,272 @@
+"""Run the shards of a job: a pool of worker processes, one Aligner (one set of nets) each;
+a progress bar; Ctrl-C; the lock; the merged records at the end.
+
+Knows nothing of faces. `align_dataset` is the Python entry point; the CLI is a thin layer on it.
+"""
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import multiprocessing as mp
+import os
+import random
+import resource
+import signal
+import sys
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from pathlib import Path
+
+from align.config import Config
+from align.dataset import Shard, walk
+from align.records import StateDir, count, write_results
+
+# options whose change changes the output: a resumed run must use the same ones
+OUTPUT_OPTIONS = ("image_size", "margin", "detect_multiple_faces", "min_face_size",
+                  "thresholds", "factor", "format")
+LOG_EVERY_S = 10.0
+
+
+class JobError(Exception):
+    """The job cannot start (bad folders, options, another run); the message says why."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C (or SIGTERM): the run stopped cleanly; rerunning the command resumes it."""
+
+
+# --- worker side: the loaded nets are the only state a worker keeps ---------------------------
+_aligner = None
+_events = None
+
+
+def _die_with_parent() -> None:
+    """Linux: have the kernel kill this worker when the parent dies (kill -9 included), so no
+    orphan keeps writing into a folder that a rerun is already working on."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _configure_tf(threads: int, gpu_memory_fraction: float) -> None:
+    import tensorflow as tf
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    for gpu in tf.config.list_physical_devices("GPU"):
+        tf.config.experimental.set_memory_growth(gpu, True)
+    if gpu_memory_fraction < 1:
+        try:  # facenet's per_process_gpu_memory_fraction, as a limit on the logical device
+            import subprocess
+            totals = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                                    capture_output=True, text=True, check=True).stdout.split()
+            for gpu, total in zip(tf.config.list_physical_devices("GPU"), totals):
+                limit = int(float(total) * gpu_memory_fraction)
+                tf.config.set_logical_device_configuration(
+                    gpu, [tf.config.LogicalDeviceConfiguration(memory_limit=limit)])
+        except (OSError, subprocess.CalledProcessError, ValueError, RuntimeError):
+            pass
+
+
+class _QuietStderr:
+    """Silence fd 2 while TensorFlow starts: it logs CUDA probing and oneDNN notices there
+    before any log level applies. Errors still raise, and print once fd 2 is back."""
+
+    def __enter__(self):
+        sys.stderr.flush()
+        self.saved = os.dup(2)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+
+    def __exit__(self, *exc):
+        os.dup2(self.saved, 2)
+        os.close(self.saved)
+
+
+def _init_worker(config: Config, input_dir: Path, output_dir: Path, threads: int, events) -> None:
+    global _aligner, _events
+    signal.signal(signal.SIGINT, signal.SIG_IGN)    # the parent handles Ctrl-C
+    _die_with_parent()
+    with _QuietStderr():
+        _configure_tf(threads, config.gpu_memory_fraction)
+        from align.aligner import Aligner
+        _aligner = Aligner(config, input_dir, output_dir)
+    _events = events
+    events.put(("ready", 0, 0, 0))
+
+
+def _run_shard(shard: Shard, legacy_outputs: bool) -> list[dict]:
+    journal = StateDir(_aligner.output_dir).journal(shard.key)
+    report = lambda n, faces, failed: _events.put(("done", n, faces, failed))
+    return _aligner.run_shard(shard, journal, legacy_outputs, report)
+
+
+# --- parent side ---------------------------------------------------------------------------------
+def _check_dirs(input_dir: Path, output_dir: Path) -> None:
+    if not input_dir.is_dir():
+        raise JobError(f"INPUT_DIR {input_dir} is not a folder")
+    i, o = input_dir.resolve(), output_dir.resolve()
+    if o == i or i in o.parents:
+        raise JobError(f"OUTPUT_DIR {output_dir} is inside INPUT_DIR {input_dir}: pick a folder outside it")
+    if o in i.parents:
+        raise JobError(f"INPUT_DIR {input_dir} is inside OUTPUT_DIR {output_dir}: pick another OUTPUT_DIR")
+    if output_dir.exists() and not output_dir.is_dir():
+        raise JobError(f"OUTPUT_DIR {output_dir} exists and is not a folder")
+
+
+def _remove_stale_temporaries(output_dir: Path) -> None:
+    """Temporary files of writes that a killed run left half-done (never renamed into place)."""
+    for folder in [output_dir, *(p for p in output_dir.iterdir() if p.is_dir())]:
+        for tmp in folder.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
+
+
+class _Progress:
+    """A tqdm bar on a terminal, else a line every LOG_EVERY_S seconds; nothing when quiet."""
+
+    def __init__(self, total: int, done: int, quiet: bool):
+        self.total, self.done, self.faces, self.failed = total, done, 0, 0
+        self.start = time.perf_counter()
+        self.quiet = quiet
+        self.bar = None
+        self.last_log = self.start
+        if not quiet and sys.stdout.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, initial=done, unit="img", dynamic_ncols=True)
+
+    def update(self, n: int, faces: int, failed: int) -> None:
+        self.done += n
+        self.faces += faces
+        self.failed += failed
+        if self.bar:
+            self.bar.update(n)
+            self.bar.set_postfix(faces=self.faces, failed=self.failed, refresh=False)
+        elif not self.quiet and time.perf_counter() - self.last_log >= LOG_EVERY_S:
+            self.last_log = time.perf_counter()
+            rate = self.done / max(1e-9, self.last_log - self.start)
+            print(f"align_dataset: {self.done}/{self.total} images, {self.faces} faces written, "
+                  f"{self.failed} unreadable, {rate:.1f} images/s", flush=True)
+
+    def close(self) -> None:
+        if self.bar:
+            self.bar.close()
+
+
+def _pump(events, progress: _Progress, ready: list, stop: threading.Event) -> None:
+    while not stop.is_set():
+        try:
+            kind, n, faces, failed = events.get(timeout=0.2)
+        except Exception:  # queue.Empty, or the queue closed under us
+            continue
+        if kind == "ready":
+            ready.append(time.perf_counter())
+        else:
+            progress.update(n, faces, failed)
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+
+
+def align_dataset(input_dir, output_dir, config: Config | None = None, **options) -> dict:
+    """Align every identity folder of `input_dir` into `output_dir` (see README); resumes what
+    a previous run on `output_dir` left unfinished unless overwrite. Options are Config's
+    fields. Returns the summary (also in OUTPUT_DIR/summary.json). Raises JobError when the
+    job cannot start and Interrupted on Ctrl-C."""
+    config = dataclasses.replace(config or Config(), **options)
+    t0 = time.perf_counter()
+    output_arg = os.path.expanduser(str(output_dir))
+    input_dir, output_dir = Path(os.path.expanduser(str(input_dir))), Path(output_arg)
+    _check_dirs(input_dir, output_dir)
+    legacy_outputs = output_dir.is_dir() and any(output_dir.iterdir()) and not (output_dir / ".align_dataset").exists()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    state = StateDir(output_dir)
+    if not state.lock():
+        raise JobError(f"another align_dataset run is writing to {output_dir}; wait for it to finish")
+    try:
+        return _run(config, input_dir, output_dir, output_arg, state, legacy_outputs, t0)
+    finally:
+        state.unlock()
+
+
+def _run(config, input_dir, output_dir, output_arg, state, legacy_outputs, t0) -> dict:
+    options = {k: getattr(config, k) for k in OUTPUT_OPTIONS}
+    options["thresholds"] = list(options["thresholds"])
+    previous = state.options()
+    if config.overwrite:
+        state.reset()
+    elif previous is not None and previous != options:
+        diff = ", ".join(f"{k} {previous.get(k)} -> {v}" for k, v in options.items() if previous.get(k) != v)
+        raise JobError(f"{output_dir} was aligned with other options ({diff}): rerun with the "
+                       f"same options to resume, or add --overwrite to start over")
+    state.set_options(options)
+    _remove_stale_temporaries(output_dir)
+
+    job = walk(input_dir)
+    for identity in {t.out_base.split("/")[0] for s in job.shards for t in s.tasks}:
+        (output_dir / identity).mkdir(exist_ok=True)
+    records = state.load_all()
+    todo = [s for s in job.shards if any(t.rel not in records for t in s.tasks)]
+    if config.random_order:
+        random.shuffle(todo)
+    done_before = job.n_tasks - sum(1 for s in todo for t in s.tasks if t.rel not in records)
+    progress = _Progress(job.n_tasks, done_before, config.quiet)
+    ready: list[float] = []
+    t_work = time.perf_counter()
+    if todo:
+        _run_pool(config, input_dir, output_dir, todo, legacy_outputs, progress, ready, records)
+    progress.close()
+    t_end = time.perf_counter()
+
+    ordered = [records[t.rel] for s in job.shards for t in s.tasks]
+    counts = count(ordered)
+    processing_s = t_end - (max(ready) if ready else t_work)
+    summary = {
+        "input_dir": str(input_dir), "output_dir": output_arg, "images": job.n_tasks,
+        "aligned": counts["aligned"], "no_face": counts["no_face"],
+        "unreadable": counts["unreadable"],
+        "skipped": counts["not_an_image"] + counts["skipped_existing"] + len(job.skipped),
+        "faces_written": counts["faces_written"],
+        "not_an_image": counts["not_an_image"], "skipped_existing": counts["skipped_existing"],
+        "skipped_entries": job.skipped,
+        "processed_this_run": job.n_tasks - done_before,
+        "workers": config.workers if todo else 0,
+        "wall_s": round(t_end - t0, 3), "processing_s": round(processing_s, 3),
+        "images_per_s": round((job.n_tasks - done_before) / processing_s, 2) if processing_s > 0 else None,
+        "peak_rss_mb": round(_peak_rss_mb(), 1),
+    }
+    write_results(output_dir, output_arg, ordered, summary)
+    return summary
+
+
+def _run_pool(config, input_dir, output_dir, todo, legacy_outputs, progress, ready, records) -> None:
+    ctx = mp.get_context("spawn")
+    events = ctx.Queue()
+    workers = min(config.workers, len(todo))
+    threads = max(1, len(os.sched_getaffinity(0)) // workers) if hasattr(os, "sched_getaffinity") else 1
+    stop = threading.Event()
+    pump = threading.Thread(target=_pump, args=(events, progress, ready, stop), daemon=True)
+    pump.start()
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                               initargs=(config, input_dir, output_dir, threads, events))
+    previous_term = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        futures = {pool.submit(_run_shard, s, legacy_outputs) for s in todo}
+        while futures:
+            finished, futures = wait(futures, timeout=0.5, return_when=FIRST_COMPLETED)
+            for f in finished:
+                for r in f.result():
+                    records[r["input"]] = r
+    except KeyboardInterrupt:
+        for p in list(getattr(pool, "_processes", {}).values()):
+            p.kill()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise Interrupted() from None
+    finally:
+        signal.signal(signal.SIGTERM, previous_term)
+        pool.shutdown(wait=True, cancel_futures=True)
+        time.sleep(0.3)  # let the pump drain the last events
+        stop.set()
+        pump.join()
