@@ -51,8 +51,8 @@ def _thresholds(ctx, param, value: str) -> tuple[float, float, float]:
 
 def _opt(*names, **kw):
     """An option under facenet's underscore spelling and the hyphenated one."""
-    long = names[0]
-    return click.option(long, long.replace("_", "-"), *names[1:], show_default=True, **kw)
+    spellings = dict.fromkeys([names[0], names[0].replace("_", "-")])
+    return click.option(*spellings, *names[1:], show_default=True, **kw)
 
 
 @click.command(cls=_Command, context_settings={"help_option_names": ["-h", "--help"]})
