@@ -38,6 +38,19 @@ class _Command(click.Command):
     def parse_args(self, ctx, args):
         return super().parse_args(ctx, _facenet_bool_values(args))
 
+    def main(self, *args, **kwargs):
+        """Usage errors as one line on stderr, exit 2; everything else as click does it."""
+        try:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        except click.UsageError as e:
+            click.echo(f"Error: {e.format_message()} (see --help)", err=True)
+            sys.exit(2)
+        except click.ClickException as e:
+            e.show()
+            sys.exit(e.exit_code)
+        except click.Abort:
+            sys.exit(130)
+
 
 def _thresholds(ctx, param, value: str) -> tuple[float, float, float]:
     try:
@@ -88,13 +101,15 @@ def main(input_dir, output_dir, fmt, **options):
     A killed run resumes where it stopped when the same command runs again.
     Records: OUTPUT_DIR/faces.jsonl, bounding_boxes.txt, summary.json."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from align.runner import Interrupted, JobError, align_dataset
+    from align.runner import Interrupted, JobError, OptionsError, align_dataset
     from facenet_nets.weights import WeightsError, weights_dir
 
     try:
         weights_dir()                    # fetch once here, not in every worker
         summary = align_dataset(input_dir, output_dir, Config(format=fmt, **options))
-    except (JobError, WeightsError, ValueError) as e:
+    except (OptionsError, ValueError) as e:
+        raise click.UsageError(str(e))
+    except (JobError, WeightsError) as e:
         raise click.ClickException(str(e))
     except Interrupted:
         click.echo(f"\nInterrupted. Run the same command again to resume:\n  {_command_line()}", err=True)

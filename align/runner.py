@@ -32,6 +32,10 @@ class JobError(Exception):
     """The job cannot start (bad folders, options, another run); the message says why."""
 
 
+class OptionsError(JobError, ValueError):
+    """The folders or options given cannot work (a usage error)."""
+
+
 class Interrupted(Exception):
     """Ctrl-C (or SIGTERM): the run stopped cleanly; rerunning the command resumes it."""
 
@@ -106,14 +110,14 @@ def _run_shard(shard: Shard, legacy_outputs: bool) -> list[dict]:
 # --- parent side ---------------------------------------------------------------------------------
 def _check_dirs(input_dir: Path, output_dir: Path) -> None:
     if not input_dir.is_dir():
-        raise JobError(f"INPUT_DIR {input_dir} is not a folder")
+        raise OptionsError(f"INPUT_DIR {input_dir} is not a folder")
     i, o = input_dir.resolve(), output_dir.resolve()
     if o == i or i in o.parents:
-        raise JobError(f"OUTPUT_DIR {output_dir} is inside INPUT_DIR {input_dir}: pick a folder outside it")
+        raise OptionsError(f"OUTPUT_DIR {output_dir} is inside INPUT_DIR {input_dir}: pick a folder outside it")
     if o in i.parents:
-        raise JobError(f"INPUT_DIR {input_dir} is inside OUTPUT_DIR {output_dir}: pick another OUTPUT_DIR")
+        raise OptionsError(f"INPUT_DIR {input_dir} is inside OUTPUT_DIR {output_dir}: pick another OUTPUT_DIR")
     if output_dir.exists() and not output_dir.is_dir():
-        raise JobError(f"OUTPUT_DIR {output_dir} exists and is not a folder")
+        raise OptionsError(f"OUTPUT_DIR {output_dir} exists and is not a folder")
 
 
 def _remove_stale_temporaries(output_dir: Path) -> None:
@@ -199,7 +203,7 @@ def _run(config, input_dir, output_dir, output_arg, state, legacy_outputs, t0) -
         state.reset()
     elif previous is not None and previous != options:
         diff = ", ".join(f"{k} {previous.get(k)} -> {v}" for k, v in options.items() if previous.get(k) != v)
-        raise JobError(f"{output_dir} was aligned with other options ({diff}): rerun with the "
+        raise OptionsError(f"{output_dir} was aligned with other options ({diff}): rerun with the "
                        f"same options to resume, or add --overwrite to start over")
     state.set_options(options)
     _remove_stale_temporaries(output_dir)
