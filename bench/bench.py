@@ -1,0 +1,339 @@
+"""Photos per second of align_dataset against facenet's original loop, on one folder.
+
+Usage: python bench/bench.py DATA [--rounds 3]      (make bench DATA=...)
+
+DATA is a folder in LFW layout (DATA/<identity>/<photos>). Measured on the same photos:
+
+  facenet 1.0.5 loop   bench/facenet_loop.py in a process of its own: facenet's own
+                       detect_face (TF1 graph mode, via tensorflow.compat.v1) in the loop of
+                       its align_dataset_mtcnn.py (decode, detect, choose a face, crop with
+                       margin 44, resize to 160, write PNG); TF intra-op threads = cores,
+                       inter-op 1.
+  align_dataset        `align_dataset DATA OUT --image_size 160 --margin 44 --overwrite
+                       --quiet` in a process of its own, with the threads it chooses; its
+                       numbers are read from OUT/summary.json.
+
+and for each a detect-only figure: every photo decoded first (as facenet decodes), then only
+the detector is timed (facenet: detect_face per photo; ours: Detector.detect_batch over chunks
+of 64 photos after a one-photo warm-up, `bench.py --detect-only-ours`).
+
+What is timed: photos/s counts only the work on the photos. Process start, imports and model
+loading are excluded (facenet: the clock starts after its session and nets exist; ours:
+processing_s starts once every worker has its nets). The whole run's wall time (start of
+the process to the last photo, model loading included) is printed too.
+
+Each measurement runs --rounds times (default 3) in fresh processes, the order alternating
+between rounds (facenet first in odd rounds, ours first in even ones), and the best round
+counts (highest photos/s, lowest wall; peak memory is the highest seen, ru_maxrss). Aligned
+photos go to a temporary folder, deleted afterwards. The report is printed and written,
+with every round, to bench/out/bench-<DATA folder name>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+sys.path[:0] = [p for p in (str(BENCH), str(ROOT)) if p not in sys.path]
+
+import facenet_loop  # noqa: E402  (no TensorFlow at import)
+
+OUT_DIR = BENCH / "out"
+CHUNK = 64                   # photos per detect_batch call in ours' detect-only pass
+TIMEOUT_S = 3 * 3600         # per process
+ALIGN_ARGS = ["--image_size", "160", "--margin", "44", "--overwrite", "--quiet"]
+FACENET, OURS = "facenet 1.0.5 loop", "align_dataset"
+
+
+# ---------------------------------------------------------------- the machine
+
+def child_env() -> dict:
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    return env
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def tf_info() -> dict:
+    """TF version and visible GPUs, asked of a process that imports TF (this one must not)."""
+    code = ("import json, tensorflow as tf; print(json.dumps({'tf': tf.__version__, 'gpus': "
+            "[d.name for d in tf.config.list_physical_devices('GPU')]}))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env=child_env(), cwd=ROOT)
+    try:
+        return json.loads(p.stdout.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        return {"tf": None, "gpus": None, "error": p.stderr[-2000:]}
+
+
+def machine() -> dict:
+    info = tf_info()
+    return {"cores": facenet_loop.cores(), "cpu": cpu_model(), "tf": info.get("tf"),
+            "gpus": info.get("gpus"), "python": platform.python_version(),
+            "platform": platform.platform()}
+
+
+# ---------------------------------------------------------------- running one measurement
+
+def run_child(cmd: list[str], log: Path) -> dict:
+    """Run cmd to its end; its exit code, wall seconds and the peak RSS of the largest
+    process of its tree (ru_maxrss from wait4, which covers the children it reaped)."""
+    with open(log, "w") as out:
+        t0 = time.perf_counter()
+        p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=child_env(),
+                             cwd=ROOT, start_new_session=True)
+        timer = threading.Timer(TIMEOUT_S, os.killpg, (p.pid, signal.SIGKILL))
+        timer.start()
+        try:
+            _, status, usage = os.wait4(p.pid, 0)
+        except BaseException:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+            raise
+        finally:
+            timer.cancel()
+        wall = time.perf_counter() - t0
+    p.returncode = os.waitstatus_to_exitcode(status)
+    result = {"exit_code": p.returncode, "process_wall_s": round(wall, 2),
+              "process_tree_peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
+    if p.returncode != 0:
+        result["error"] = log.read_text(errors="replace")[-3000:]
+    return result
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def count_written(out: Path) -> int:
+    """Thumbnails written: image files in the identity folders of an output folder."""
+    return sum(1 for f in out.glob("*/*") if f.suffix.lower() in (".png", ".jpg"))
+
+
+def align_command() -> list[str]:
+    """The installed console script beside this interpreter, else `python -m align`."""
+    script = Path(sys.executable).parent / "align_dataset"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "align"]
+
+
+def run_facenet(data: Path, work: Path) -> dict:
+    out, res = work / "facenet", work / "facenet.json"
+    run = run_child([sys.executable, str(BENCH / "facenet_loop.py"), str(data), str(out),
+                     "--json", str(res), "--image_size", "160", "--margin", "44"],
+                    work / "facenet.log")
+    r = read_json(res)
+    run.update(photos=r.get("images"), written=count_written(out),
+               e2e_per_s=r.get("photos_per_s_loop"), detect_per_s=r.get("photos_per_s_detect"),
+               e2e_s=r.get("seconds_loop"), detect_s=r.get("seconds_detect"),
+               wall_s=r.get("seconds_to_loop_end"),
+               e2e_peak_rss_mb=r.get("peak_rss_mb_loop"),
+               detect_peak_rss_mb=r.get("peak_rss_mb_detect"), raw=r)
+    shutil.rmtree(out, ignore_errors=True)
+    return run
+
+
+def run_ours(data: Path, work: Path) -> dict:
+    out = work / "ours"
+    run = run_child(align_command() + [str(data), str(out)] + ALIGN_ARGS, work / "ours.log")
+    s = read_json(out / "summary.json")
+    per_s = s.get("images_per_s")
+    if per_s is None and s.get("images") and s.get("processing_s"):
+        per_s = s["images"] / s["processing_s"]
+    run.update(photos=s.get("images"), written=count_written(out),
+               e2e_per_s=round(per_s, 2) if per_s else None, e2e_s=s.get("processing_s"),
+               wall_s=s.get("wall_s"), e2e_peak_rss_mb=s.get("peak_rss_mb"), raw=s)
+    shutil.rmtree(out, ignore_errors=True)
+    return run
+
+
+def run_ours_detect(data: Path, work: Path) -> dict:
+    res = work / "ours_detect.json"
+    run = run_child([sys.executable, str(Path(__file__).resolve()), "--detect-only-ours",
+                     str(data), str(res)], work / "ours_detect.log")
+    r = read_json(res)
+    run.update(detect_per_s=r.get("photos_per_s_detect"), detect_s=r.get("seconds_detect"),
+               detect_peak_rss_mb=r.get("peak_rss_mb"), raw=r)
+    return run
+
+
+# ---------------------------------------------------------------- ours, detect only (in a child)
+
+def detect_only_ours(input_dir: str, json_path: str) -> None:
+    """Decode every photo (as facenet_loop does), build the Detector, warm it up on one photo,
+    then time detect_batch over chunks of CHUNK photos; write the result to json_path."""
+    decoded, skipped = facenet_loop.decode_all(facenet_loop.list_images(input_dir))
+    t0 = time.perf_counter()
+    from align.detect import Detector
+    detector = Detector()
+    detector.detect_batch(decoded[:1])
+    setup_s = time.perf_counter() - t0
+
+    failed = 0
+    t0 = time.perf_counter()
+    for start in range(0, len(decoded), CHUNK):
+        chunk = decoded[start:start + CHUNK]
+        try:
+            detector.detect_batch(chunk)
+        except Exception:  # then photo by photo, to count the ones that fail
+            for img in chunk:
+                try:
+                    detector.detect_batch([img])
+                except Exception:
+                    failed += 1
+    seconds = time.perf_counter() - t0
+    Path(json_path).write_text(json.dumps({
+        "implementation": "align.detect.Detector.detect_batch", "chunk": CHUNK,
+        "detect_images": len(decoded), "detect_skipped": skipped, "detect_failed": failed,
+        "seconds_setup": round(setup_s, 3), "seconds_detect": round(seconds, 3),
+        "photos_per_s_detect": facenet_loop.per_s(len(decoded), seconds),
+        "peak_rss_mb": facenet_loop.peak_rss_mb()}, indent=1))
+
+
+# ---------------------------------------------------------------- rounds and the report
+
+def one_round(index: int, data: Path, work: Path) -> dict:
+    """facenet then ours in odd rounds (1, 3, ...), ours then facenet in even ones."""
+    def ours() -> dict:
+        return {**run_ours(data, work), "detect_only": run_ours_detect(data, work)}
+
+    steps = [(FACENET, lambda: run_facenet(data, work)), (OURS, ours)]
+    if index % 2:
+        steps.reverse()
+    result = {"round": index + 1, "order": [name for name, _ in steps]}
+    for name, step in steps:
+        print(f"  round {index + 1}: {name} ...", file=sys.stderr, flush=True)
+        result[name] = step()
+    return result
+
+
+def pick(values, best):
+    values = [v for v in values if v is not None]
+    return best(values) if values else None
+
+
+def summarise(rounds: list[dict]) -> dict:
+    """Best of the rounds per measurement: max photos/s, min wall, max peak memory."""
+    def runs(name, detect=False):
+        return [r[name]["detect_only"] if detect else r[name] for r in rounds]
+
+    best = {}
+    for name in (FACENET, OURS):
+        e2e = runs(name)
+        det = runs(name, detect=(name == OURS))
+        best[name] = {
+            "e2e_per_s": pick([r.get("e2e_per_s") for r in e2e], max),
+            "detect_per_s": pick([r.get("detect_per_s") for r in det], max),
+            "e2e_peak_rss_mb": pick([r.get("e2e_peak_rss_mb") for r in e2e], max),
+            "detect_peak_rss_mb": pick([r.get("detect_peak_rss_mb") for r in det], max),
+            "wall_s": pick([r.get("wall_s") for r in e2e], min),
+            "process_wall_s": pick([r.get("process_wall_s") for r in e2e], min),
+            "photos": pick([r.get("photos") for r in e2e], max),
+            "written": pick([r.get("written") for r in e2e], max),
+            "failed_runs": sum(r.get("exit_code") != 0 for r in e2e + det),
+        }
+    f, o = best[FACENET], best[OURS]
+    best["ratio"] = {k: (round(o[k] / f[k], 2) if o[k] and f[k] else None)
+                     for k in ("e2e_per_s", "detect_per_s")}
+    return best
+
+
+def fmt(value, unit="", width=8, digits=1) -> str:
+    text = "n/a" if value is None else f"{value:.{digits}f}{unit}"
+    return text.rjust(width)
+
+
+def table(report: dict) -> str:
+    m, best = report["machine"], report["best"]
+    gpu = ", ".join(m["gpus"]) if m["gpus"] else ("none" if m["gpus"] is not None else "?")
+    lines = [
+        f"data: {report['data']} ({report['photos']} photos)   machine: {m['cores']} cores, "
+        f"{m['cpu']}, TF {m['tf']}, GPU: {gpu}, Python {m['python']}",
+        f"best of {report['rounds']} rounds, order alternating; photos/s excludes process "
+        f"start and model loading",
+        f"{'':22} {'end-to-end':>11} {'detect-only':>12}   peak MB (end-to-end / detect-only)",
+    ]
+    for name in (FACENET, OURS):
+        b = best[name]
+        lines.append(f"{name:22} {fmt(b['e2e_per_s'], ' /s', 11)} {fmt(b['detect_per_s'], ' /s', 12)}"
+                     f"   {fmt(b['e2e_peak_rss_mb'], '', 6, 0)} / {fmt(b['detect_peak_rss_mb'], '', 0, 0)}")
+    r = best["ratio"]
+    lines.append(f"{'ratio ours/facenet':22} {fmt(r['e2e_per_s'], 'x', 9, 2)}   "
+                 f"{fmt(r['detect_per_s'], 'x', 10, 2)}")
+    f, o = best[FACENET], best[OURS]
+    lines.append(f"whole run, model loading included: {FACENET} {fmt(f['wall_s'], ' s', 0)}, "
+                 f"{OURS} {fmt(o['wall_s'], ' s', 0)} (process wall {fmt(o['process_wall_s'], ' s', 0)})")
+    lines.append(f"thumbnails written: {FACENET} {f['written']}, {OURS} {o['written']}"
+                 f" (of {report['photos']} photos; images counted: {f['photos']} / {o['photos']})")
+    for name in (FACENET, OURS):
+        if best[name]["failed_runs"]:
+            lines.append(f"WARNING: {best[name]['failed_runs']} run(s) of {name} failed; see "
+                         f"'error' in 'runs' of the JSON report")
+    fr = [r[FACENET].get("raw", {}) for r in report["runs"]]
+    errors = max((x.get("errors", 0) for x in fr), default=0)
+    if errors:
+        lines.append(f"note: facenet's loop failed on {errors} photo(s) (counted, skipped)")
+    return "\n".join(lines)
+
+
+def bench(data: Path, rounds: int) -> dict:
+    photos = len(facenet_loop.list_images(data))
+    report = {"data": str(data), "photos": photos, "rounds": rounds, "machine": machine(),
+              "commands": {FACENET: "bench/facenet_loop.py DATA OUT --json RESULT",
+                           OURS: " ".join(align_command() + ["DATA", "OUT"] + ALIGN_ARGS)},
+              "chunk": CHUNK, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    with tempfile.TemporaryDirectory(prefix="align-bench-") as tmp:
+        report["runs"] = [one_round(i, data, Path(tmp)) for i in range(rounds)]
+    report["best"] = summarise(report["runs"])
+    return report
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("data", nargs="?", help="folder in LFW layout: DATA/<identity>/<photos>")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--detect-only-ours", nargs=2, metavar=("INPUT", "RESULT_JSON"),
+                    help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.detect_only_ours:
+        detect_only_ours(*args.detect_only_ours)
+        return 0
+    if not args.data or not Path(args.data).is_dir():
+        ap.error("DATA must be a folder of identity folders")
+    if args.rounds < 1:
+        ap.error("--rounds must be >= 1")
+    data = Path(args.data).resolve()
+    report = bench(data, args.rounds)
+    print(table(report))
+    OUT_DIR.mkdir(exist_ok=True)
+    path = OUT_DIR / f"bench-{data.name}.json"
+    path.write_text(json.dumps(report, indent=1))
+    print(f"report: {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

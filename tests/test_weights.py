@@ -1,0 +1,60 @@
+"""Weights: found in order, verified before unpickling, refused with a clear message."""
+import pickle
+import shutil
+
+import numpy as np
+import pytest
+
+from facenet_nets import weights as w
+
+
+def test_checksums_file_matches_code():
+    lines = (w.CHECKOUT_DATA / "weights.sha256").read_text().split("\n")
+    listed = dict(reversed(line.split()) for line in lines if line.strip())
+    assert listed == w.SHA256
+
+
+def test_load_verifies_and_returns_layer_dicts(weights):
+    d = w.load_weights("det1.npy", weights)
+    assert sorted(d) == ["PReLU1", "PReLU2", "PReLU3", "conv1", "conv2", "conv3", "conv4-1", "conv4-2"]
+    assert d["conv1"]["weights"].shape == (3, 3, 3, 10)
+    assert w.load_weights("det3.npy", weights)["conv6-3"]["weights"].shape == (256, 10)
+
+
+def test_tampered_file_is_refused_before_unpickling(weights, tmp_path):
+    for name in w.SHA256:
+        shutil.copy(weights / name, tmp_path / name)
+    marker = tmp_path / "unpickled"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    np.save(tmp_path / "det2.npy", np.array(Payload(), dtype=object), allow_pickle=True)
+    with pytest.raises(w.WeightsError, match="refusing to unpickle"):
+        w.load_weights("det2.npy", tmp_path)
+    assert not marker.exists()
+    assert w.load_weights("det1.npy", tmp_path)["conv1"]["biases"].shape == (10,)
+
+
+def test_explicit_dir_wins_and_must_be_complete(weights, tmp_path, monkeypatch):
+    monkeypatch.setenv(w.ENV_VAR, str(tmp_path))
+    with pytest.raises(w.WeightsError, match="det1.npy, det2.npy, det3.npy"):
+        w.weights_dir()
+    for name in w.SHA256:
+        shutil.copy(weights / name, tmp_path / name)
+    assert w.weights_dir() == tmp_path
+
+
+def test_offline_fetch_says_what_to_put_where(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(w, "CHECKOUT_DATA", tmp_path / "no-data")
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")   # nothing listens there
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", "")
+    with pytest.raises(w.WeightsError) as e:
+        w.weights_dir()
+    message = str(e.value)
+    assert "facenet==1.0.5" in message and str(tmp_path / "cache") in message
+    assert "ALIGN_WEIGHTS_DIR" in message
+    assert not any((tmp_path / "cache").rglob("*.npy"))
