@@ -29,9 +29,10 @@ def _integral_at(sat: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
     ix = np.minimum(np.floor(xs), w - 1).astype(np.intp)
     fy = (ys - iy)[:, :, None, None]
     fx = (xs - ix)[:, None, :, None]
-    iy0, ix0 = iy[:, :, None], ix[:, None, :]
-    top = sat[iy0, ix0] * (1 - fx) + sat[iy0, ix0 + 1] * fx
-    bottom = sat[iy0 + 1, ix0] * (1 - fx) + sat[iy0 + 1, ix0 + 1] * fx
+    flat = sat.reshape(-1, sat.shape[2])
+    i00 = iy[:, :, None] * (w + 1) + ix[:, None, :]      # flat index of sat[iy, ix]
+    top = flat.take(i00, axis=0) * (1 - fx) + flat.take(i00 + 1, axis=0) * fx
+    bottom = flat.take(i00 + w + 1, axis=0) * (1 - fx) + flat.take(i00 + w + 2, axis=0) * fx
     return top * (1 - fy) + bottom * fy
 
 
