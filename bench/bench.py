@@ -25,7 +25,8 @@ the process to the last photo, model loading included) is printed too.
 Each measurement runs --rounds times (default 3) in fresh processes, the order alternating
 between rounds (facenet first in odd rounds, ours first in even ones), and the best round
 counts (highest photos/s, lowest wall; peak memory is the highest seen, ru_maxrss). Aligned
-photos go to a temporary folder, deleted afterwards. The report is printed and written,
+photos go to a temporary folder, deleted afterwards. Other load on the machine is measured
+(/proc/stat) and warned about, as it skews the timings. The report is printed and written,
 with every round, to bench/out/bench-<DATA folder name>.json.
 """
 from __future__ import annotations
@@ -34,7 +35,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import signal
 import subprocess
@@ -96,10 +96,24 @@ def machine() -> dict:
 
 # ---------------------------------------------------------------- running one measurement
 
+def busy_cpu_s() -> float | None:
+    """CPU seconds the whole machine has spent busy since boot (/proc/stat; steal included,
+    as time the VM could not run)."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)       # idle + iowait
+    busy = sum(fields[:8]) - idle                                  # up to steal, not guest
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
 def run_child(cmd: list[str], log: Path) -> dict:
-    """Run cmd to its end; its exit code, wall seconds and the peak RSS of the largest
-    process of its tree (ru_maxrss from wait4, which covers the children it reaped)."""
+    """Run cmd to its end; its exit code, wall seconds, CPU seconds and the peak RSS of the
+    largest process of its tree (from wait4, which covers the children it reaped), and how
+    many cores other processes kept busy meanwhile."""
     with open(log, "w") as out:
+        busy0 = busy_cpu_s()
         t0 = time.perf_counter()
         p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=child_env(),
                              cwd=ROOT, start_new_session=True)
@@ -114,9 +128,14 @@ def run_child(cmd: list[str], log: Path) -> dict:
         finally:
             timer.cancel()
         wall = time.perf_counter() - t0
+        busy1 = busy_cpu_s()
     p.returncode = os.waitstatus_to_exitcode(status)
     result = {"exit_code": p.returncode, "process_wall_s": round(wall, 2),
-              "process_tree_peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
+              "process_tree_peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+              "cpu_s": round(usage.ru_utime + usage.ru_stime, 2)}
+    if busy0 is not None and busy1 is not None and wall > 0:
+        # cores kept busy by anything else while it ran: >0.1 means the timing is disturbed
+        result["other_cores_busy"] = round(max(0.0, busy1 - busy0 - result["cpu_s"]) / wall, 2)
     if p.returncode != 0:
         result["error"] = log.read_text(errors="replace")[-3000:]
     return result
@@ -186,6 +205,8 @@ def detect_only_ours(input_dir: str, json_path: str) -> None:
     """Decode every photo (as facenet_loop does), build the Detector, warm it up on one photo,
     then time detect_batch over chunks of CHUNK photos; write the result to json_path."""
     decoded, skipped = facenet_loop.decode_all(facenet_loop.list_images(input_dir))
+    if not decoded:
+        raise SystemExit(f"no photo of {input_dir} could be decoded")
     t0 = time.perf_counter()
     from align.detect import Detector
     detector = Detector()
@@ -255,6 +276,9 @@ def summarise(rounds: list[dict]) -> dict:
             "written": pick([r.get("written") for r in e2e], max),
             "failed_runs": sum(r.get("exit_code") != 0 for r in e2e + det),
         }
+    busy = [r.get("other_cores_busy") for r in (e for rd in rounds for e in
+            (rd[FACENET], rd[OURS], rd[OURS]["detect_only"]))]
+    best["max_other_cores_busy"] = pick(busy, max)
     f, o = best[FACENET], best[OURS]
     best["ratio"] = {k: (round(o[k] / f[k], 2) if o[k] and f[k] else None)
                      for k in ("e2e_per_s", "detect_per_s")}
@@ -281,8 +305,8 @@ def table(report: dict) -> str:
         lines.append(f"{name:22} {fmt(b['e2e_per_s'], ' /s', 11)} {fmt(b['detect_per_s'], ' /s', 12)}"
                      f"   {fmt(b['e2e_peak_rss_mb'], '', 6, 0)} / {fmt(b['detect_peak_rss_mb'], '', 0, 0)}")
     r = best["ratio"]
-    lines.append(f"{'ratio ours/facenet':22} {fmt(r['e2e_per_s'], 'x', 9, 2)}   "
-                 f"{fmt(r['detect_per_s'], 'x', 10, 2)}")
+    lines.append(f"{'ratio ours/facenet':22} {fmt(r['e2e_per_s'], 'x', 11, 2)} "
+                 f"{fmt(r['detect_per_s'], 'x', 12, 2)}")
     f, o = best[FACENET], best[OURS]
     lines.append(f"whole run, model loading included: {FACENET} {fmt(f['wall_s'], ' s', 0)}, "
                  f"{OURS} {fmt(o['wall_s'], ' s', 0)} (process wall {fmt(o['process_wall_s'], ' s', 0)})")
@@ -292,10 +316,18 @@ def table(report: dict) -> str:
         if best[name]["failed_runs"]:
             lines.append(f"WARNING: {best[name]['failed_runs']} run(s) of {name} failed; see "
                          f"'error' in 'runs' of the JSON report")
-    fr = [r[FACENET].get("raw", {}) for r in report["runs"]]
-    errors = max((x.get("errors", 0) for x in fr), default=0)
-    if errors:
-        lines.append(f"note: facenet's loop failed on {errors} photo(s) (counted, skipped)")
+    if (best["max_other_cores_busy"] or 0) > 0.1:
+        lines.append(f"WARNING: other processes kept up to {best['max_other_cores_busy']:.2f} "
+                     f"cores busy during a run: timings are disturbed")
+    def most(name, key, detect=False):
+        return max((((r[name]["detect_only"] if detect else r[name]).get("raw") or {}).get(key) or 0
+                    for r in report["runs"]), default=0)
+
+    for what, n in (("facenet's loop failed on", most(FACENET, "errors")),
+                    ("facenet's detect-only pass failed on", most(FACENET, "detect_failed")),
+                    ("ours' detect-only pass failed on", most(OURS, "detect_failed", True))):
+        if n:
+            lines.append(f"note: {what} {n} photo(s) (counted, skipped)")
     return "\n".join(lines)
 
 
