@@ -1,8 +1,9 @@
 """align_dataset: align a face dataset with facenet's MTCNN.
 
 Exit codes: 0 done (unreadable images are reported in faces.jsonl, not failures of the run);
-1 the job could not run (weights, another run on OUTPUT_DIR, options differ from the run to
-resume); 2 usage error; 130 interrupted (rerun the same command to resume).
+1 the job could not run (weights, another run on OUTPUT_DIR); 2 usage error (bad option or
+folder, or options that differ from those of the run to resume); 130 interrupted (rerun the
+same command to resume).
 """
 from __future__ import annotations
 

@@ -51,18 +51,22 @@ def output_stems(names: list[str]) -> dict[str, str]:
             stems[n] = n
 
 
+def _is_dir(entry: os.DirEntry) -> bool:
+    """Follows symlinks; a link that loops or leads nowhere is not a folder."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
 def walk(input_dir: Path) -> Walk:
     shards, skipped, n = [], [], 0
     for entry in sorted(os.scandir(input_dir), key=lambda e: e.name):
-        try:
-            is_dir = entry.is_dir()     # follows symlinks; a symlink loop is not a folder
-        except OSError:
-            is_dir = False
-        if not is_dir:
+        if not _is_dir(entry):
             skipped.append(entry.name)
             continue
         try:
-            names = sorted(e.name for e in os.scandir(entry.path) if not e.is_dir())
+            names = sorted(e.name for e in os.scandir(entry.path) if not _is_dir(e))
         except OSError:
             skipped.append(entry.name)
             continue

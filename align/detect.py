@@ -92,10 +92,8 @@ class Detector:
         images = [as_rgb(im) for im in images]
         t1, t2, t3 = params.thresholds
         cands = self._stage1(images, params)
-        sats = [summed_area_table(im) if len(c) else None for im, c in zip(images, cands)]
         # R-Net
-        crops = [_normalise(area_crops(s, bx.crop_windows(c), 24)) if len(c) else None
-                 for s, c in zip(sats, cands)]
+        crops = [_crops(im, c, 24) for im, c in zip(images, cands)]
         outs = _run_split(self.nets.rnet, crops)
         for i, out in enumerate(outs):
             if out is None:
@@ -107,8 +105,7 @@ class Detector:
             pick = bx.nms(c, 0.7, "union")
             cands[i] = np.fix(bx.rerec(bx.bbreg(c[pick], reg[pick])))
         # O-Net
-        crops = [_normalise(area_crops(s, bx.crop_windows(c), 48)) if len(c) else None
-                 for s, c in zip(sats, cands)]
+        crops = [_crops(im, c, 48) for im, c in zip(images, cands)]
         outs = _run_split(self.nets.onet, crops)
         results = []
         for i, out in enumerate(outs):
@@ -133,25 +130,24 @@ class Detector:
         regression, squaring and truncation; the pyramid of images of one size runs batched."""
         t1 = params.thresholds[0]
         per_level: dict[tuple[int, int], np.ndarray] = {}
-        plans: list[list[tuple[float, tuple[int, int]]]] = []
-        groups: dict[tuple, list[int]] = {}
+        plans = [[(s, bx.level_size(*im.shape[:2], s))
+                  for s in bx.pyramid_scales(*im.shape[:2], params.minsize, params.factor)]
+                 for im in images]
+        by_size: dict[tuple[int, int], list[int]] = {}
         for i, im in enumerate(images):
-            h, w = im.shape[:2]
-            plan = [(s, bx.level_size(h, w, s)) for s in bx.pyramid_scales(h, w, params.minsize, params.factor)]
-            plans.append(plan)
-            for level, (scale, size) in enumerate(plan):
-                groups.setdefault((h, w, size, scale), []).append(i)
-        for (h, w, size, scale), members in groups.items():
-            step = max(1, MAX_LEVEL_PIXELS // (size[0] * size[1]))
-            level = plans[members[0]].index((scale, size))
+            if plans[i]:
+                by_size.setdefault(im.shape[:2], []).append(i)
+        for (h, w), members in by_size.items():
+            step = max(1, MAX_LEVEL_PIXELS // (h * w))     # images of one size share every level
             for start in range(0, len(members), step):
                 chunk = members[start:start + step]
-                reg, prob = self.pnet_levels(np.stack([images[i] for i in chunk]),
-                                             np.asarray(size, np.int32))
-                reg, prob = reg.numpy(), prob.numpy()
-                for j, i in enumerate(chunk):
-                    b = bx.generate_boxes(prob[j], reg[j], scale, t1)
-                    per_level[(i, level)] = b[bx.nms(b, 0.5, "union")]
+                batch = tf.constant(np.stack([images[i] for i in chunk]))
+                for level, (scale, size) in enumerate(plans[chunk[0]]):
+                    reg, prob = self.pnet_levels(batch, np.asarray(size, np.int32))
+                    reg, prob = reg.numpy(), prob.numpy()
+                    for j, i in enumerate(chunk):
+                        b = bx.generate_boxes(prob[j], reg[j], scale, t1)
+                        per_level[(i, level)] = b[bx.nms(b, 0.5, "union")]
         out = []
         for i, plan in enumerate(plans):
             c = np.concatenate([per_level[(i, k)] for k in range(len(plan))] or [np.zeros((0, 9))])
@@ -162,7 +158,17 @@ class Detector:
         return out
 
 
-def _normalise(crops: np.ndarray) -> np.ndarray:
+def _crops(image: np.ndarray, boxes: np.ndarray, size: int) -> np.ndarray | None:
+    """Normalised size x size crops of facenet's pad windows of `boxes` (None when there are
+    none). The summed-area table covers only the part of the image the windows touch."""
+    if len(boxes) == 0:
+        return None
+    windows = bx.crop_windows(boxes)
+    h, w = image.shape[:2]
+    x0, y0 = (int(np.clip(np.floor(windows[:, i].min()), 0, lim)) for i, lim in ((0, w - 1), (1, h - 1)))
+    x1, y1 = (int(np.clip(np.ceil(windows[:, i].max()), lo + 1, lim)) for i, lo, lim in ((2, x0, w), (3, y0, h)))
+    sat = summed_area_table(image[y0:y1, x0:x1])
+    crops = area_crops(sat, windows - np.array([x0, y0, x0, y0]), size)
     return ((crops - NORM_MEAN) * NORM_SCALE).astype(np.float32)
 
 

@@ -1,0 +1,769 @@
+"""align_dataset end to end: the command in a subprocess of its own, on real photos.
+
+Every run here is a real process (`python -m align ...`, as the console script runs it), on the
+sample photos of data/samples.py (and, where /work/shared is present, a few more real photos);
+nothing is mocked. Runs cost several seconds of TensorFlow start-up each, so the runs that
+several tests check are module-scoped fixtures.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import stat
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = Path("/work/shared")
+LFW_GWB = SHARED / "faces" / "lfw_gwb"
+DEV = SHARED / "faces" / "dev"
+DEV_REFERENCE = SHARED / "reference" / "facenet_dev.jsonl"
+
+TIMING_KEYS = ("wall_s", "processing_s", "images_per_s", "peak_rss_mb")
+SAMPLE_FILES = ["Eileen_Collins/astronaut.png", "Grace_Hopper/grace_hopper.jpg", "Group/t1.jpg"]
+STATUSES = {"aligned", "no_face", "unreadable", "not_an_image", "skipped_existing"}
+
+
+# --- running the command -------------------------------------------------------------------------
+
+def cli_env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    return env
+
+
+def align_cmd(*args) -> list[str]:
+    return [sys.executable, "-m", "align", *(os.fspath(a) if isinstance(a, Path) else str(a) for a in args)]
+
+
+def run_align(*args, cwd=None, timeout=300) -> subprocess.CompletedProcess:
+    return subprocess.run(align_cmd(*args), cwd=cwd, env=cli_env(), capture_output=True,
+                          text=True, errors="replace", timeout=timeout)
+
+
+def start_align(*args, cwd=None) -> subprocess.Popen:
+    """The command in the background, as the leader of a process group of its own (its
+    workers included), so that the group can be signalled as a terminal would."""
+    return subprocess.Popen(align_cmd(*args), cwd=cwd, env=cli_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, errors="replace",
+                            start_new_session=True)
+
+
+def describe(p) -> str:
+    return f"exit {p.returncode}\n--- stdout\n{p.stdout}\n--- stderr\n{p.stderr}"
+
+
+def ok(p: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert p.returncode == 0, describe(p)
+    return p
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the command and its workers; wait until the group is gone."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.communicate(timeout=30)
+    deadline = time.monotonic() + 10
+    while live_group_members(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)  # workers being torn down
+
+
+def live_group_members(pgid: int) -> list[int]:
+    """Processes of process group pgid that are not zombies (Linux /proc; [] elsewhere)."""
+    members = []
+    for entry in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = entry.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            members.append(int(entry.parent.name))
+    return members
+
+
+def journal_lines(out: Path) -> int:
+    journal = out / ".align_dataset" / "journal"
+    n = 0
+    for p in journal.glob("*.jsonl") if journal.is_dir() else ():
+        try:
+            n += p.read_bytes().count(b"\n")
+        except FileNotFoundError:
+            pass
+    return n
+
+
+def wait_for(condition, proc: subprocess.Popen, what: str, timeout: float = 180) -> None:
+    """Poll `condition()` while `proc` runs; fail if it ends first or time runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        if proc.poll() is not None:
+            stdout, stderr = proc.communicate()
+            pytest.fail(f"the run ended (exit {proc.returncode}) before {what}\n{stdout}\n{stderr}")
+        time.sleep(0.05)
+    kill_group(proc)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+# --- reading what a run left ---------------------------------------------------------------------
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_bytes().decode("utf-8", "surrogateescape").splitlines()]
+
+
+def records(out: Path) -> list[dict]:
+    return read_jsonl(out / "faces.jsonl")
+
+
+def summary(out: Path) -> dict:
+    return json.loads((out / "summary.json").read_text())
+
+
+def snapshot(out: Path, ignore_summary_keys=()) -> dict:
+    """{relative path: content} of every file and folder under `out`: bytes for files, the
+    parsed summary.json less its timings (and `ignore_summary_keys`); the lock is left out."""
+    tree = {}
+    for dirpath, dirnames, filenames in os.walk(out):
+        for name in dirnames:
+            tree[os.path.relpath(os.path.join(dirpath, name), out) + "/"] = None
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            rel = os.path.relpath(path, out)
+            if rel == os.path.join(".align_dataset", "lock"):
+                continue
+            data = Path(path).read_bytes()
+            if rel == "summary.json":
+                s = json.loads(data)
+                for key in (*TIMING_KEYS, "workers", *ignore_summary_keys):
+                    assert key in s, f"summary.json lacks {key!r}"
+                    s.pop(key)
+                data = s
+            tree[rel] = data
+    return tree
+
+
+def assert_same_tree(a: Path, b: Path, ignore_summary_keys=()) -> None:
+    ta, tb = snapshot(a, ignore_summary_keys), snapshot(b, ignore_summary_keys)
+    assert sorted(ta) == sorted(tb), (f"only in {a}: {sorted(set(ta) - set(tb))}; "
+                                      f"only in {b}: {sorted(set(tb) - set(ta))}")
+    differ = sorted(k for k in ta if ta[k] != tb[k])
+    detail = ""
+    if differ and isinstance(ta[differ[0]], bytes) and differ[0].endswith((".jsonl", ".txt", ".json")):
+        la, lb = ta[differ[0]].splitlines(), tb[differ[0]].splitlines()
+        first = next((i for i, (x, y) in enumerate(zip(la, lb)) if x != y), min(len(la), len(lb)))
+        detail = (f"\nfirst difference in {differ[0]}, line {first + 1}:\n"
+                  f"{la[first] if first < len(la) else '<none>'}\n{lb[first] if first < len(lb) else '<none>'}")
+    elif differ and differ[0] == "summary.json":
+        detail = f"\n{ta['summary.json']}\n{tb['summary.json']}"
+    assert not differ, f"files that differ between {a} and {b}: {differ}{detail}"
+
+
+def png_rgb(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        assert im.format == "PNG", path
+        assert im.mode == "RGB", (path, im.mode)
+        return np.asarray(im)
+
+
+def facenet_crop(image_path: Path, box, margin: int, size: int) -> tuple[list[int], np.ndarray]:
+    """facenet's align_dataset_mtcnn.py recipe for one face box: (crop box, thumbnail)."""
+    with Image.open(image_path) as im:
+        img = np.asarray(im.convert("RGB"))
+    h, w = img.shape[:2]
+    bb = np.zeros(4, dtype=np.int32)
+    bb[0] = np.maximum(box[0] - margin / 2, 0)
+    bb[1] = np.maximum(box[1] - margin / 2, 0)
+    bb[2] = np.minimum(box[2] + margin / 2, w)
+    bb[3] = np.minimum(box[3] + margin / 2, h)
+    cropped = img[bb[1]:bb[3], bb[0]:bb[2], :]
+    scaled = np.asarray(Image.fromarray(cropped).resize((size, size), Image.BILINEAR))
+    return [int(v) for v in bb], scaled
+
+
+def facenet_choice(boxes, width: int, height: int) -> int:
+    """facenet's single face: the largest, with some extra weight on the centering."""
+    b = np.asarray(boxes, dtype=np.float64)
+    area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    offsets = np.vstack([(b[:, 0] + b[:, 2]) / 2 - width / 2, (b[:, 1] + b[:, 3]) / 2 - height / 2])
+    return int(np.argmax(area - np.sum(np.power(offsets, 2.0), 0) * 2.0))
+
+
+def bbox_lines(out: Path) -> list[str]:
+    return (out / "bounding_boxes.txt").read_bytes().decode("utf-8", "surrogateescape").splitlines()
+
+
+def one_error_line(p: subprocess.CompletedProcess) -> str:
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error:"), describe(p)
+    return lines[0]
+
+
+# --- inputs --------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def sample_dir(tmp_path_factory) -> Path:
+    """The three sample photos as <person>/<file> (fetched once, then cached)."""
+    sys.path.insert(0, str(REPO / "data"))
+    try:
+        import samples
+    finally:
+        sys.path.remove(str(REPO / "data"))
+    root = samples.build(tmp_path_factory.mktemp("samples") / "in")
+    assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*.*")) == SAMPLE_FILES
+    return root
+
+
+def sample(sample_dir: Path, name: str) -> Path:
+    return next(sample_dir.glob(f"*/{name}"))
+
+
+@pytest.fixture(scope="module")
+def big_dir(sample_dir, tmp_path_factory) -> Path:
+    """~45 images in 6 identities (one of them two detection batches long): copies of the
+    samples, and a few LFW photos when /work/shared has them. Takes ~20 s to align."""
+    root = tmp_path_factory.mktemp("big") / "in"
+    photos = [sample_dir / f for f in SAMPLE_FILES]
+    counts = {"Alpha": 20, "Bravo": 6, "Charlie": 6, "Delta": 5, "Echo": 4, "Foxtrot": 3}
+    k = 0
+    for identity, n in counts.items():
+        (root / identity).mkdir(parents=True)
+        for i in range(n):
+            src = photos[k % len(photos)]
+            k += 1
+            shutil.copyfile(src, root / identity / f"{identity.lower()}_{i:02d}{src.suffix}")
+    if LFW_GWB.is_dir():
+        lfw = sorted(p for p in LFW_GWB.rglob("*.jpg") if p.is_file())[:6]
+        if lfw:
+            (root / "George_W_Bush").mkdir()
+            for p in lfw:
+                shutil.copyfile(p, root / "George_W_Bush" / p.name)
+    return root
+
+
+def n_inputs(root: Path) -> int:
+    return sum(1 for d in root.iterdir() if d.is_dir() for f in d.iterdir())
+
+
+@pytest.fixture(scope="module")
+def reference_run(big_dir, tmp_path_factory) -> Path:
+    """An uninterrupted run on big_dir: 1 worker, output 'out' relative to its own cwd."""
+    cwd = tmp_path_factory.mktemp("reference")
+    ok(run_align(big_dir, "out", "--workers", 1, "--quiet", cwd=cwd))
+    return cwd / "out"
+
+
+# --- 1. a default run on the samples -------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def default_run(sample_dir, tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("default")
+    p = run_align(sample_dir, "out", "--workers", 1, "--image_size", 160, cwd=cwd)
+    return p, cwd / "out"
+
+
+def test_default_run_writes_three_thumbnails(default_run):
+    p, out = default_run
+    ok(p)
+    assert "3 images: 3 aligned" in p.stdout, p.stdout
+    for rel in ["Eileen_Collins/astronaut.png", "Grace_Hopper/grace_hopper.png", "Group/t1.png"]:
+        assert png_rgb(out / rel).shape == (160, 160, 3), rel
+    thumbnails = sorted(p.relative_to(out).as_posix() for p in out.glob("*/*") if p.parent.name != ".align_dataset")
+    assert thumbnails == ["Eileen_Collins/astronaut.png", "Grace_Hopper/grace_hopper.png", "Group/t1.png"]
+    assert not list(out.rglob(".*.tmp"))
+
+
+def test_default_run_records(default_run, sample_dir):
+    _, out = default_run
+    recs = records(out)
+    assert [r["input"] for r in recs] == SAMPLE_FILES
+    assert [r["status"] for r in recs] == ["aligned"] * 3
+    for r in recs:
+        assert r["reason"] is None
+        assert set(r) >= {"input", "status", "reason", "size", "output", "faces", "written"}
+        with Image.open(sample_dir / r["input"]) as im:
+            assert r["size"] == list(im.size)
+        assert len(r["written"]) == 1
+        for f in r["faces"]:
+            assert len(f["box"]) == 4 and len(f["landmarks"]) == 5 and 0.7 < f["score"] <= 1
+            x1, y1, x2, y2 = f["box"]
+            assert x1 < x2 and y1 < y2
+            # the landmarks of a face lie in (or next to) its box
+            for x, y in f["landmarks"]:
+                assert x1 - 5 <= x <= x2 + 5 and y1 - 5 <= y <= y2 + 5, (r["input"], f)
+    by_input = {r["input"]: r for r in recs}
+    assert len(by_input["Eileen_Collins/astronaut.png"]["faces"]) == 1
+    assert len(by_input["Grace_Hopper/grace_hopper.jpg"]["faces"]) == 1
+    group = by_input["Group/t1.jpg"]
+    assert len(group["faces"]) == 6
+    chosen = facenet_choice([f["box"] for f in group["faces"]], *group["size"])
+    assert group["written"][0]["face"] == chosen
+    assert [w["output"] for r in recs for w in r["written"]] == \
+        ["Eileen_Collins/astronaut.png", "Grace_Hopper/grace_hopper.png", "Group/t1.png"]
+
+
+def test_default_run_thumbnails_are_facenets_crops(default_run, sample_dir):
+    _, out = default_run
+    for r in records(out):
+        (w,) = r["written"]
+        box = r["faces"][w["face"]]["box"]
+        bb, expected = facenet_crop(sample_dir / r["input"], box, margin=44, size=160)
+        assert w["crop_box"] == bb, r["input"]
+        actual = png_rgb(out / w["output"])
+        assert np.array_equal(actual, expected), \
+            f"{w['output']}: {np.count_nonzero(actual != expected)} values differ from facenet's crop"
+
+
+def test_default_run_bounding_boxes_txt(default_run):
+    _, out = default_run
+    lines = bbox_lines(out)
+    expected = [f"out/{w['output']} {' '.join(str(v) for v in w['crop_box'])}"
+                for r in records(out) for w in r["written"]]
+    assert lines == expected
+    assert len(lines) == 3
+    for line in lines:
+        path, *box = line.split(" ")
+        assert len(box) == 4 and all(v.lstrip("-").isdigit() for v in box), line
+        assert (out.parent / path).is_file(), line
+
+
+def test_default_run_summary_and_state(default_run, sample_dir):
+    _, out = default_run
+    s = summary(out)
+    assert (s["images"], s["aligned"], s["faces_written"]) == (3, 3, 3)
+    assert (s["no_face"], s["unreadable"], s["skipped"]) == (0, 0, 0)
+    assert s["output_dir"] == "out" and s["input_dir"] == str(sample_dir)
+    assert s["workers"] == 1 and s["processed_this_run"] == 3
+    for key in TIMING_KEYS:
+        assert key in s
+    assert s["wall_s"] >= s["processing_s"] > 0
+    state = out / ".align_dataset"
+    assert (state / "lock").is_file()
+    options = json.loads((state / "options.json").read_text())
+    assert options["image_size"] == 160 and options["margin"] == 44
+    assert options["detect_multiple_faces"] is False and options["format"] == "png"
+    journal = [r for p in sorted((state / "journal").glob("*.jsonl")) for r in read_jsonl(p)]
+    assert sorted(r["input"] for r in journal) == SAMPLE_FILES
+    assert len(list((state / "journal").glob("*.jsonl"))) == 3    # one shard per identity
+
+
+def test_rerun_of_a_finished_job_changes_nothing(default_run, sample_dir, tmp_path):
+    _, default_out = default_run
+    shutil.copytree(default_out, tmp_path / "out")
+    p = ok(run_align(sample_dir, "out", "--workers", 1, "--image_size", 160, cwd=tmp_path))
+    assert "nothing left to do" in p.stdout, p.stdout
+    s = summary(tmp_path / "out")
+    assert (s["processed_this_run"], s["workers"], s["images"], s["aligned"]) == (0, 0, 3, 3)
+    assert_same_tree(default_out, tmp_path / "out", ignore_summary_keys=["processed_this_run"])
+
+
+# --- 2. the output does not depend on workers or order ------------------------------------------
+
+def test_workers_and_random_order_give_the_same_bytes(big_dir, reference_run, tmp_path):
+    (tmp_path / "b").mkdir()
+    ok(run_align(big_dir, "out", "--workers", 3, "--random_order", "--quiet", cwd=tmp_path / "b"))
+    out = tmp_path / "b" / "out"
+    assert summary(out)["workers"] == 3 and summary(reference_run)["workers"] == 1
+    assert summary(out)["images"] == n_inputs(big_dir)
+    assert len(list((out / ".align_dataset" / "journal").glob("*.jsonl"))) >= 6
+    assert_same_tree(reference_run, out)
+
+
+# --- 3. kill -9 and rerun ------------------------------------------------------------------------
+
+def test_killed_run_resumes_to_the_same_bytes(big_dir, reference_run, tmp_path):
+    args = (big_dir, "out", "--workers", 2, "--quiet")
+    proc = start_align(*args, cwd=tmp_path)
+    out = tmp_path / "out"
+    wait_for(lambda: journal_lines(out) >= 1, proc, "a journal line was written")
+    kill_group(proc)
+    assert proc.returncode == -signal.SIGKILL
+    done = journal_lines(out)
+    assert 1 <= done < n_inputs(big_dir), "the run was not killed half-way"
+    assert not (out / "faces.jsonl").exists()
+
+    again = ok(run_align(*args, cwd=tmp_path))
+    s = summary(out)
+    assert s["images"] == n_inputs(big_dir)
+    assert s["processed_this_run"] <= n_inputs(big_dir) - done, (s, done)
+    assert not list(out.rglob(".*.tmp")), "temporary files left behind"
+    assert_same_tree(reference_run, out, ignore_summary_keys=["processed_this_run"])
+    assert "Traceback" not in again.stderr, again.stderr
+
+
+# --- 4. Ctrl-C -----------------------------------------------------------------------------------
+
+def test_sigint_exits_130_and_the_rerun_completes(big_dir, reference_run, tmp_path):
+    args = (big_dir, "out", "--workers", 2)
+    proc = start_align(*args, cwd=tmp_path)
+    out = tmp_path / "out"
+    wait_for(lambda: journal_lines(out) >= 1, proc, "a journal line was written")
+    os.killpg(proc.pid, signal.SIGINT)
+    t0 = time.monotonic()
+    try:
+        stdout, stderr = proc.communicate(timeout=15)
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        pytest.fail("the run did not stop within 15 s of SIGINT")
+    assert time.monotonic() - t0 < 10
+    assert proc.returncode == 130, f"exit {proc.returncode}\n{stdout}\n{stderr}"
+    assert "resume" in stderr, stderr
+    assert "Traceback" not in stderr, stderr
+    # no worker outlives the command (zombies waiting for init to reap them do not count)
+    deadline = time.monotonic() + 5
+    while live_group_members(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not live_group_members(proc.pid), "processes of the run are still running"
+
+    ok(run_align(*args, "--quiet", cwd=tmp_path))
+    recs = records(out)
+    assert len(recs) == n_inputs(big_dir)
+    assert len({r["input"] for r in recs}) == len(recs)
+    assert all(r["status"] == "aligned" for r in recs)
+    assert_same_tree(reference_run, out, ignore_summary_keys=["processed_this_run"])
+
+
+# --- 5, 6. awkward inputs ------------------------------------------------------------------------
+
+def patched_png_header(data: bytes, width: int, height: int) -> bytes:
+    """A PNG with IHDR's width and height replaced and its CRC fixed."""
+    assert data[12:16] == b"IHDR"
+    ihdr = struct.pack(">II", width, height) + data[24:29]
+    chunk = b"IHDR" + ihdr
+    return data[:8] + struct.pack(">I", 13) + chunk + struct.pack(">I", zlib.crc32(chunk)) + data[33:]
+
+
+NON_UTF8 = os.fsdecode(b"caf\xe9.jpg")
+DECODABLE = ["webp.jpg", "gray_alpha.png", "cmyk.jpg", "sixteen_bit.png", "one_pixel.png", NON_UTF8]
+
+
+def fingerprint(root: Path) -> dict:
+    """Every entry under root (bytes paths, symlinks not followed): kind, mode, size, mtime,
+    content hash."""
+    out = {}
+    broot = os.fsencode(root)
+    for dirpath, dirnames, filenames in os.walk(broot):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            st = os.lstat(path)
+            rel = os.path.relpath(path, broot)
+            if stat.S_ISLNK(st.st_mode):
+                out[rel] = ("link", os.readlink(path))
+            elif stat.S_ISDIR(st.st_mode):
+                out[rel] = ("dir", st.st_mode, st.st_mtime_ns)
+            else:
+                try:
+                    with open(path, "rb") as f:
+                        digest = hashlib.sha256(f.read()).hexdigest()
+                except PermissionError:
+                    digest = None
+                out[rel] = ("file", st.st_mode, st.st_size, st.st_mtime_ns, digest)
+    return out
+
+
+@pytest.fixture(scope="module")
+def awkward(sample_dir, tmp_path_factory):
+    """One run over a folder of awkward files ('bad'), a good identity, and same-stem files."""
+    root = tmp_path_factory.mktemp("awkward")
+    src = root / "in"
+    bad, good, stems = src / "bad", src / "good", src / "stems"
+    for d in (bad, good, stems):
+        d.mkdir(parents=True)
+    astronaut, hopper = sample(sample_dir, "astronaut.png"), sample(sample_dir, "grace_hopper.jpg")
+    shutil.copyfile(astronaut, good / "astronaut.png")
+
+    (bad / "empty.jpg").write_bytes(b"")
+    jpeg = hopper.read_bytes()
+    (bad / "truncated.jpg").write_bytes(jpeg[:len(jpeg) // 2])
+    (bad / "text.jpg").write_text("these are not the pixels you are looking for\n")
+    with Image.open(astronaut) as im:
+        im.convert("RGB").save(bad / "webp.jpg", format="WEBP", quality=90)
+        im.convert("LA").save(bad / "gray_alpha.png")
+        gray16 = np.asarray(im.convert("L")).astype(np.uint16) * 257
+    with Image.open(hopper) as im:
+        im.convert("CMYK").save(bad / "cmyk.jpg", format="JPEG", quality=90)
+    Image.fromarray(gray16).save(bad / "sixteen_bit.png")
+    Image.new("RGB", (1, 1), (200, 150, 120)).save(bad / "one_pixel.png")
+    buf = root / "small.png"
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(buf)
+    (bad / "huge_header.png").write_bytes(patched_png_header(buf.read_bytes(), 100000, 100000))
+    shutil.copyfile(hopper, bad / "no_permission.jpg")
+    os.chmod(bad / "no_permission.jpg", 0)
+    shutil.copyfile(hopper, bad / NON_UTF8)
+    # a symlink loop, in a folder of its own beside a good photo (see test_symlink_loop)
+    (src / "links").mkdir()
+    os.symlink("loop.jpg", src / "links" / "loop.jpg")
+    shutil.copyfile(hopper, src / "links" / "hopper.jpg")
+
+    shutil.copyfile(hopper, stems / "a.jpg")
+    shutil.copyfile(astronaut, stems / "a.png")
+    shutil.copyfile(hopper, stems / "b.jpg")
+    (src / "README.txt").write_text("not an identity folder\n")
+
+    with Image.open(bad / "gray_alpha.png") as im:
+        assert im.mode == "LA"
+    with Image.open(bad / "sixteen_bit.png") as im:
+        assert im.mode.startswith("I;16") or im.mode == "I", im.mode
+    with Image.open(bad / "cmyk.jpg") as im:
+        assert im.mode == "CMYK"
+    with Image.open(bad / "webp.jpg") as im:
+        assert im.format == "WEBP"
+
+    before = fingerprint(src)
+    p = run_align(src, root / "out", "--workers", 1, "--image_size", 160)
+    after = fingerprint(src)
+    os.chmod(bad / "no_permission.jpg", 0o644)
+    return p, src, root / "out", before, after
+
+
+def test_awkward_inputs_run_completes(awkward):
+    p, src, out, _, _ = awkward
+    ok(p)
+    s = summary(out)
+    assert "README.txt" in s["skipped_entries"]
+    assert not {"bad", "good", "stems"} & set(s["skipped_entries"])
+    recs = records(out)
+    assert len(recs) == s["images"]
+    good = [r for r in recs if r["input"] == "good/astronaut.png"]
+    assert len(good) == 1 and good[0]["status"] == "aligned"
+    assert png_rgb(out / "good" / "astronaut.png").shape == (160, 160, 3)
+
+
+def test_every_awkward_file_gets_one_record(awkward):
+    _, src, out, _, _ = awkward
+    recs = records(out)
+    inputs = [r["input"] for r in recs]
+    expected = sorted(f"bad/{os.fsdecode(n)}" for n in os.listdir(os.fsencode(src / "bad")))
+    assert len(expected) == 11
+    missing = [e for e in expected if e not in inputs]
+    assert not missing, f"no record for {missing}"
+    assert len(inputs) == len(set(inputs)), "a file has more than one record"
+    for r in recs:
+        assert r["status"] in STATUSES, r
+        if r["status"] in ("unreadable", "not_an_image"):
+            assert isinstance(r["reason"], str) and r["reason"].strip(), r
+            assert "\n" not in r["reason"]
+            assert r["written"] == [] and r["size"] is None
+
+
+def test_awkward_statuses(awkward):
+    _, src, out, _, _ = awkward
+    by_input = {r["input"]: r for r in records(out)}
+    status = lambda name: by_input[f"bad/{name}"]["status"]
+    reason = lambda name: by_input[f"bad/{name}"]["reason"] or ""
+    assert status("empty.jpg") in ("unreadable", "not_an_image")
+    assert status("text.jpg") == "not_an_image"
+    assert status("truncated.jpg") == "unreadable" and "truncated" in reason("truncated.jpg")
+    assert status("huge_header.png") == "unreadable"
+    assert "decompression bomb" in reason("huge_header.png")
+    if os.geteuid() == 0:   # root reads a mode-000 file
+        assert status("no_permission.jpg") in ("aligned", "unreadable")
+    else:
+        assert status("no_permission.jpg") == "unreadable"
+        assert "permission" in reason("no_permission.jpg")
+    for name in DECODABLE:
+        r = by_input[f"bad/{name}"]
+        assert r["status"] in ("aligned", "no_face"), r
+        assert r["reason"] is None or r["status"] == "no_face"
+    with Image.open(src / "good" / "astronaut.png") as im:
+        size = list(im.size)
+    for name in ["webp.jpg", "gray_alpha.png", "sixteen_bit.png"]:
+        assert by_input[f"bad/{name}"]["size"] == size
+        assert by_input[f"bad/{name}"]["status"] == "aligned"   # the astronaut's face is plain
+    one = by_input["bad/one_pixel.png"]
+    assert (one["status"], one["size"], one["faces"], one["written"]) == ("no_face", [1, 1], [], [])
+    for name in ["cmyk.jpg", NON_UTF8]:
+        assert by_input[f"bad/{name}"]["status"] == "aligned"
+
+
+def test_awkward_bounding_boxes_and_outputs(awkward):
+    _, src, out, _, _ = awkward
+    recs = records(out)
+    raw = (out / "bounding_boxes.txt").read_bytes()
+    lines = raw.splitlines()
+    n_expected = sum(len(r["written"]) if r["status"] == "aligned" else r["status"] == "no_face"
+                     for r in recs)
+    assert len(lines) == n_expected
+    cafe = next(r for r in recs if r["input"] == f"bad/{NON_UTF8}")
+    if cafe["status"] in ("aligned", "no_face"):
+        assert os.fsencode(out) + b"/bad/caf\xe9.png" in raw
+    if cafe["status"] == "aligned":
+        assert (out / "bad" / os.fsdecode(b"caf\xe9.png")).is_file()
+    for r in recs:
+        for w in r["written"]:
+            assert png_rgb(out / w["output"]).shape == (160, 160, 3)
+    assert f"{out}/bad/one_pixel.png".encode() in lines    # a no-face image: its path alone
+
+
+def test_symlink_loop(awkward):
+    """A symlink loop is one unreadable input; the photos beside it are aligned as usual."""
+    _, _, out, _, _ = awkward
+    s = summary(out)
+    assert s["skipped_entries"] == ["README.txt"]
+    by_input = {r["input"]: r for r in records(out)}
+    assert by_input["links/hopper.jpg"]["status"] == "aligned"
+    loop = by_input["links/loop.jpg"]
+    assert loop["status"] == "unreadable" and loop["reason"], loop
+    assert loop["written"] == []
+
+
+def test_awkward_input_folder_is_untouched(awkward):
+    _, _, _, before, after = awkward
+    assert sorted(before) == sorted(after)
+    changed = [k for k in before if before[k] != after[k]]
+    assert not changed, changed
+
+
+def test_same_stem_inputs_keep_their_whole_names(awkward):
+    _, src, out, _, _ = awkward
+    a_jpg, a_png, b = out / "stems" / "a.jpg.png", out / "stems" / "a.png.png", out / "stems" / "b.png"
+    for p in (a_jpg, a_png, b):
+        assert png_rgb(p).shape == (160, 160, 3)
+    assert a_jpg.read_bytes() != a_png.read_bytes()
+    assert not (out / "stems" / "a.png").exists()
+    assert sorted(p.name for p in (out / "stems").iterdir()) == ["a.jpg.png", "a.png.png", "b.png"]
+    by_input = {r["input"]: r for r in records(out)}
+    assert by_input["stems/a.jpg"]["written"][0]["output"] == "stems/a.jpg.png"
+    assert by_input["stems/a.png"]["written"][0]["output"] == "stems/a.png.png"
+    assert by_input["stems/b.jpg"]["written"][0]["output"] == "stems/b.png"
+    # the same photo, the same thumbnail, whatever its output name
+    assert a_jpg.read_bytes() == b.read_bytes()
+
+
+# --- 7. --detect_multiple_faces ------------------------------------------------------------------
+
+def test_detect_multiple_faces(sample_dir, default_run, tmp_path):
+    src = tmp_path / "in" / "Group"
+    src.mkdir(parents=True)
+    shutil.copyfile(sample(sample_dir, "t1.jpg"), src / "t1.jpg")
+    out = tmp_path / "out"
+    ok(run_align(tmp_path / "in", out, "--detect_multiple_faces", "--workers", 1, "--image_size", 160, "--quiet"))
+    assert sorted(p.name for p in (out / "Group").iterdir()) == [f"t1_{i}.png" for i in range(6)]
+    lines = bbox_lines(out)
+    assert len(lines) == 6
+    (r,) = records(out)
+    assert [w["face"] for w in r["written"]] == list(range(6))
+    assert lines == [f"{out}/Group/t1_{i}.png {' '.join(map(str, w['crop_box']))}"
+                     for i, w in enumerate(r["written"])]
+    for i, w in enumerate(r["written"]):
+        bb, expected = facenet_crop(src / "t1.jpg", r["faces"][i]["box"], 44, 160)
+        assert w["crop_box"] == bb
+        assert np.array_equal(png_rgb(out / "Group" / f"t1_{i}.png"), expected)
+    assert summary(out)["faces_written"] == 6
+    # the face a single-face run wrote is one of these, byte for byte
+    _, default_out = default_run
+    chosen = next(x for x in records(default_out) if x["input"] == "Group/t1.jpg")["written"][0]["face"]
+    assert (out / "Group" / f"t1_{chosen}.png").read_bytes() == (default_out / "Group" / "t1.png").read_bytes()
+
+
+def test_detect_multiple_faces_false_is_the_default(sample_dir, default_run, tmp_path):
+    _, default_out = default_run
+    ok(run_align(sample_dir, "out", "--detect_multiple_faces", "False", "--workers", 1,
+                 "--image_size", 160, cwd=tmp_path))
+    assert (tmp_path / "out" / "Group" / "t1.png").is_file()
+    assert not list((tmp_path / "out" / "Group").glob("t1_*"))
+    assert_same_tree(default_out, tmp_path / "out")
+
+
+# --- 8. usage errors -----------------------------------------------------------------------------
+
+def test_output_inside_input_is_a_usage_error(sample_dir):
+    p = run_align(sample_dir, sample_dir / "aligned", timeout=60)
+    assert p.returncode == 2, describe(p)
+    assert "inside" in one_error_line(p)
+    assert not (sample_dir / "aligned").exists()
+
+
+@pytest.mark.parametrize("args, word", [(["--thresholds", "1,2"], "--thresholds"),
+                                        (["--thresholds", "0.6,0.7,1.5"], "--thresholds"),
+                                        (["--format", "gif"], "--format"),
+                                        (["--image_size", "0"], "--image_size"),
+                                        (["--workers", "0"], "--workers")])
+def test_bad_option_is_a_usage_error(sample_dir, tmp_path, args, word):
+    p = run_align(sample_dir, tmp_path / "out", *args, timeout=60)
+    assert p.returncode == 2, describe(p)
+    assert word in one_error_line(p)
+    assert not (tmp_path / "out").exists()
+
+
+def test_other_options_on_an_existing_output(default_run, sample_dir, tmp_path):
+    _, default_out = default_run
+    out = tmp_path / "out"
+    shutil.copytree(default_out, out)
+    before = snapshot(out)
+    p = run_align(sample_dir, out, "--workers", 1, "--image_size", 182, timeout=60)
+    assert p.returncode == 2, describe(p)
+    line = one_error_line(p)
+    assert "--overwrite" in line and "image_size" in line
+    assert snapshot(out) == before, "a refused run changed the output"
+
+    ok(run_align(sample_dir, out, "--workers", 1, "--image_size", 182, "--overwrite", "--quiet"))
+    assert json.loads((out / ".align_dataset" / "options.json").read_text())["image_size"] == 182
+    for r in records(out):
+        (w,) = r["written"]
+        bb, expected = facenet_crop(sample_dir / r["input"], r["faces"][w["face"]]["box"], 44, 182)
+        assert np.array_equal(png_rgb(out / w["output"]), expected)
+    assert summary(out)["processed_this_run"] == 3
+
+
+# --- 9. the lock ---------------------------------------------------------------------------------
+
+def test_second_run_on_the_same_output_is_refused(big_dir, tmp_path):
+    out = tmp_path / "out"
+    first = start_align(big_dir, out, "--workers", 1, "--quiet")
+    try:
+        wait_for(lambda: (out / ".align_dataset" / "options.json").exists(), first,
+                 "the first run took the lock")
+        second = run_align(big_dir, out, "--workers", 1, "--quiet", timeout=60)
+        assert first.poll() is None, "the first run ended before the second one tried"
+    finally:
+        kill_group(first)
+    assert second.returncode == 1, describe(second)
+    assert "another" in second.stderr and "writing" in second.stderr, second.stderr
+    assert str(out) in second.stderr
+
+
+# --- 10. --help ----------------------------------------------------------------------------------
+
+def test_help_shows_the_defaults():
+    p = ok(run_align("--help", timeout=60))
+    text = " ".join(p.stdout.split())
+    for expected in ["INPUT_DIR", "OUTPUT_DIR", "--image_size", "default: 182", "--margin", "default: 44",
+                     "--detect_multiple_faces", "--random_order", "--workers", "--format",
+                     "--overwrite", "--thresholds", "default: 0.6,0.7,0.7", "default: 0.709"]:
+        assert expected in text, expected
+
+
+# --- 11. against facenet's own output on the dev set ---------------------------------------------
+
+def test_dev_set_aligned_like_facenet(tmp_path):
+    if not (DEV.is_dir() and DEV_REFERENCE.is_file()):
+        pytest.skip(f"{DEV} or {DEV_REFERENCE} is not here")
+    ok(run_align(DEV, tmp_path / "out", "--quiet", timeout=400))
+    reference = {r["path"]: bool(r.get("align", {}).get("selected")) for r in read_jsonl(DEV_REFERENCE)}
+    ours = {r["input"]: r for r in records(tmp_path / "out")}
+    assert set(reference) <= set(ours), sorted(set(reference) - set(ours))
+    differ = sorted(p for p in reference if reference[p] != (ours[p]["status"] == "aligned"))
+    agreement = 1 - len(differ) / len(reference)
+    print(f"\ndev set: aligned-or-not agrees with facenet on {agreement:.2%} of {len(reference)} images")
+    detail = [f"{p}: facenet {'aligned' if reference[p] else 'no face'}, ours {ours[p]['status']}"
+              for p in differ]
+    assert agreement >= 0.99, "\n".join(detail)
+    for p, r in ours.items():
+        if r["status"] == "aligned":
+            for w in r["written"]:
+                assert (tmp_path / "out" / w["output"]).is_file()
