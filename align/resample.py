@@ -25,15 +25,24 @@ def _integral_at(sat: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
     h, w = sat.shape[0] - 1, sat.shape[1] - 1
     ys = np.clip(ys, 0, h)
     xs = np.clip(xs, 0, w)
-    iy = np.minimum(np.floor(ys), h - 1).astype(np.intp)
-    ix = np.minimum(np.floor(xs), w - 1).astype(np.intp)
+    iy = np.minimum(ys.astype(np.intp), h - 1)          # floor: ys >= 0
+    ix = np.minimum(xs.astype(np.intp), w - 1)
     fy = (ys - iy)[:, :, None, None]
     fx = (xs - ix)[:, None, :, None]
     flat = sat.reshape(-1, sat.shape[2])
-    i00 = iy[:, :, None] * (w + 1) + ix[:, None, :]      # flat index of sat[iy, ix]
-    top = flat.take(i00, axis=0) * (1 - fx) + flat.take(i00 + 1, axis=0) * fx
-    bottom = flat.take(i00 + w + 1, axis=0) * (1 - fx) + flat.take(i00 + w + 2, axis=0) * fx
-    return top * (1 - fy) + bottom * fy
+    i00 = (iy * (w + 1))[:, :, None] + ix[:, None, :]   # flat index of sat[iy, ix]
+    top, right = flat[i00], flat[i00 + 1]
+    right -= top
+    right *= fx
+    top += right                                        # interpolated along x on row iy
+    bottom, right = flat[i00 + (w + 1)], flat[i00 + (w + 2)]
+    right -= bottom
+    right *= fx
+    bottom += right                                     # ... and on row iy + 1
+    bottom -= top
+    bottom *= fy
+    top += bottom
+    return top
 
 
 def area_crops(sat: np.ndarray, windows: np.ndarray, size: int) -> np.ndarray:
