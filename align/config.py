@@ -27,11 +27,28 @@ class DetectParams:
         object.__setattr__(self, "thresholds", tuple(float(t) for t in self.thresholds))
 
 
-def default_workers() -> int:
+WORKER_MEMORY_BYTES = 1_500_000_000     # resident peak of one worker on multi-megapixel photos
+
+
+def usable_cores() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not Linux
         return max(1, os.cpu_count() or 1)
+
+
+def default_workers() -> int:
+    """One worker process per usable core (each runs TensorFlow on one thread: on these small
+    convolutions two processes do more than one process with two threads), fewer when the
+    available memory cannot hold that many workers."""
+    cores = usable_cores()
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        available = int(info["MemAvailable"].split()[0]) * 1024
+        return max(1, min(cores, available // WORKER_MEMORY_BYTES))
+    except (OSError, KeyError, ValueError):
+        return cores
 
 
 @dataclass(frozen=True)

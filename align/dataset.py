@@ -14,7 +14,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-SHARD_SIZE = 64     # images of one identity per shard
+SHARD_SIZE = 32     # images of one identity per shard: small enough to balance the workers' last shards
 
 
 @dataclass(frozen=True)

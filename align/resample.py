@@ -14,8 +14,10 @@ def summed_area_table(image: np.ndarray) -> np.ndarray:
     """(H + 1, W + 1, C) float64 table: sat[y, x] = sum of image[:y, :x]."""
     h, w, c = image.shape
     sat = np.zeros((h + 1, w + 1, c), dtype=np.float64)
-    np.cumsum(image, axis=0, dtype=np.float64, out=sat[1:, 1:])
-    np.cumsum(sat[1:, 1:], axis=1, out=sat[1:, 1:])
+    body = sat[1:, 1:]
+    body[...] = image       # cast first: cumsum casting uint8 on the fly runs at half the speed
+    np.cumsum(body, axis=0, out=body)
+    np.cumsum(body, axis=1, out=body)
     return sat
 
 

@@ -18,7 +18,7 @@ import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
-from align.config import Config
+from align.config import Config, usable_cores
 from align.dataset import Shard, walk
 from align.records import StateDir, count, write_results
 
@@ -249,7 +249,7 @@ def _run_pool(config, input_dir, output_dir, todo, legacy_outputs, progress, rea
     ctx = mp.get_context("spawn")
     events = ctx.Queue()
     workers = min(config.workers, len(todo))
-    threads = max(1, len(os.sched_getaffinity(0)) // workers) if hasattr(os, "sched_getaffinity") else 1
+    threads = max(1, usable_cores() // workers)     # TF threads per worker
     stop = threading.Event()
     pump = threading.Thread(target=_pump, args=(events, progress, ready, stop), daemon=True)
     pump.start()
