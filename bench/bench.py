@@ -49,6 +49,7 @@ ROOT = BENCH.parent
 sys.path[:0] = [p for p in (str(BENCH), str(ROOT)) if p not in sys.path]
 
 import facenet_loop  # noqa: E402  (no TensorFlow at import)
+from align.config import usable_cores  # noqa: E402
 
 OUT_DIR = BENCH / "out"
 CHUNK = 64                   # photos per detect_batch call in ours' detect-only pass
@@ -89,7 +90,7 @@ def tf_info() -> dict:
 
 def machine() -> dict:
     info = tf_info()
-    return {"cores": facenet_loop.cores(), "cpu": cpu_model(), "tf": info.get("tf"),
+    return {"cores": usable_cores(), "cpu": cpu_model(), "tf": info.get("tf"),
             "gpus": info.get("gpus"), "python": platform.python_version(),
             "platform": platform.platform()}
 

@@ -40,15 +40,10 @@ import numpy as np
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [p for p in (str(ROOT), str(ROOT / "tests")) if p not in sys.path]
+from align.config import usable_cores  # noqa: E402  (no TensorFlow at import)
 MINSIZE, THRESHOLDS, FACTOR = 20, [0.6, 0.7, 0.7], 0.709
 MAX_ERRORS_LISTED = 20
-
-
-def cores() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def peak_rss_mb() -> float:
@@ -102,7 +97,6 @@ def crop_box(det: np.ndarray, img_size: np.ndarray, margin: int) -> np.ndarray:
 
 def build_mtcnn(threads: int):
     """facenet's detect_face module and its three nets in a TF1 session (graph mode)."""
-    sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
     import cv2
     import tensorflow.compat.v1 as tf
     from facenet_reference import load_detect_face
@@ -197,7 +191,7 @@ def main(argv=None) -> None:
     ap.add_argument("--margin", type=int, default=44)
     args = ap.parse_args(argv)
 
-    threads = cores()
+    threads = usable_cores()
     t0 = time.perf_counter()
     df, nets = build_mtcnn(threads)
     setup_s = time.perf_counter() - t0
