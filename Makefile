@@ -26,18 +26,19 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 weights: venv
 	@$(PY) -m facenet_nets.weights >/dev/null
 
-$(SAMPLE)/.complete: data/samples.py | venv
+SAMPLE_STAMP := .cache/sample.complete
+$(SAMPLE_STAMP): data/samples.py | venv
 	$(PY) data/samples.py $(SAMPLE)
-	touch $@
+	@mkdir -p $(@D) && touch $@
 
-align: venv weights $(if $(filter $(SAMPLE),$(INPUT)),$(SAMPLE)/.complete)
+align: venv weights $(if $(filter $(SAMPLE),$(INPUT)),$(SAMPLE_STAMP))
 	$(VENV)/bin/align_dataset $(INPUT) $(OUTPUT)
 
 test: venv weights
 	$(PY) -m pytest -q
 
-bench: venv weights $(if $(filter $(SAMPLE),$(DATA)),$(SAMPLE)/.complete)
+bench: venv weights $(if $(filter $(SAMPLE),$(DATA)),$(SAMPLE_STAMP))
 	$(PY) bench/bench.py $(DATA)
 
 clean:
-	rm -rf $(VENV) $(SAMPLE) $(SAMPLE)_aligned bench/out
+	rm -rf $(VENV) $(SAMPLE) $(SAMPLE)_aligned $(SAMPLE_STAMP) bench/out

@@ -90,7 +90,7 @@ class Detector:
     def detect_batch(self, images, params: DetectParams = DetectParams()) -> list[Faces]:
         """Faces of each image; each result equals that of detecting the image alone."""
         images = [as_rgb(im) for im in images]
-        t1, t2, t3 = params.thresholds
+        _, t2, t3 = params.thresholds
         cands = self._stage1(images, params)
         # R-Net
         crops = [_crops(im, c, 24) for im, c in zip(images, cands)]

@@ -1,7 +1,7 @@
 """align_dataset end to end: the command in a subprocess of its own, on real photos.
 
 Every run here is a real process (`python -m align ...`, as the console script runs it), on the
-sample photos of data/samples.py (and, where /work/shared is present, a few more real photos);
+sample photos of data/samples.py (and, where ../shared is present, a few more real photos);
 nothing is mocked. Runs cost several seconds of TensorFlow start-up each, so the runs that
 several tests check are module-scoped fixtures.
 """
@@ -25,7 +25,7 @@ import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED = Path("/work/shared")
+from conftest import SHARED  # ../shared beside the checkout, when there is one
 LFW_GWB = SHARED / "faces" / "lfw_gwb"
 DEV = SHARED / "faces" / "dev"
 DEV_REFERENCE = SHARED / "reference" / "facenet_dev.jsonl"
@@ -235,7 +235,7 @@ def sample(sample_dir: Path, name: str) -> Path:
 @pytest.fixture(scope="module")
 def big_dir(sample_dir, tmp_path_factory) -> Path:
     """~45 images in 6 identities (one of them two detection batches long): copies of the
-    samples, and a few LFW photos when /work/shared has them. Takes ~20 s to align."""
+    samples, and a few LFW photos when ../shared has them. Takes ~20 s to align."""
     root = tmp_path_factory.mktemp("big") / "in"
     photos = [sample_dir / f for f in SAMPLE_FILES]
     counts = {"Alpha": 20, "Bravo": 6, "Charlie": 6, "Delta": 5, "Echo": 4, "Foxtrot": 3}
