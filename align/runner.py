@@ -200,6 +200,9 @@ def _run(config, input_dir, output_dir, output_arg, state, legacy_outputs, t0) -
     options["thresholds"] = list(options["thresholds"])
     previous = state.options()
     if config.overwrite:
+        for record in state.load_all().values():     # start over: what we wrote goes too
+            for written in record.get("written", ()):
+                (output_dir / written["output"]).unlink(missing_ok=True)
         state.reset()
     elif previous is not None and previous != options:
         diff = ", ".join(f"{k} {previous.get(k)} -> {v}" for k, v in options.items() if previous.get(k) != v)

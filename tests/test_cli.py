@@ -668,6 +668,10 @@ def test_detect_multiple_faces(sample_dir, default_run, tmp_path):
     _, default_out = default_run
     chosen = next(x for x in records(default_out) if x["input"] == "Group/t1.jpg")["written"][0]["face"]
     assert (out / "Group" / f"t1_{chosen}.png").read_bytes() == (default_out / "Group" / "t1.png").read_bytes()
+    # --overwrite starts over: the thumbnails of the earlier options go with their records
+    ok(run_align(tmp_path / "in", out, "--workers", 1, "--image_size", 160, "--overwrite", "--quiet"))
+    assert sorted(p.name for p in (out / "Group").iterdir()) == ["t1.png"]
+    assert (out / "Group" / "t1.png").read_bytes() == (default_out / "Group" / "t1.png").read_bytes()
 
 
 def test_detect_multiple_faces_false_is_the_default(sample_dir, default_run, tmp_path):
