@@ -79,6 +79,12 @@ class Detector:
 
         self.pnet_levels = pnet_levels
 
+    def warm_up(self) -> None:
+        """Trace every function once (on zeros), so the first photos do not pay for it."""
+        self.pnet_levels(np.zeros((1, 24, 24, 3), np.uint8), np.asarray((12, 12), np.int32))
+        self.nets.rnet(np.zeros((ROW_MULTIPLE, 24, 24, 3), np.float32))
+        self.nets.onet(np.zeros((ROW_MULTIPLE, 48, 48, 3), np.float32))
+
     def trace_counts(self) -> dict[str, int]:
         counts = self.nets.trace_counts()
         counts["pnet_levels"] = self.pnet_levels.experimental_get_tracing_count()

@@ -97,6 +97,7 @@ def _init_worker(config: Config, input_dir: Path, output_dir: Path, threads: int
         _configure_tf(threads, config.gpu_memory_fraction)
         from align.aligner import Aligner
         _aligner = Aligner(config, input_dir, output_dir)
+        _aligner.detector.warm_up()
     _events = events
     events.put(("ready", 0, 0, 0))
 
