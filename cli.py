@@ -7,7 +7,6 @@ same command to resume).
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -103,12 +102,15 @@ def main(input_dir, output_dir, fmt, **options):
     Records: OUTPUT_DIR/faces.jsonl, bounding_boxes.txt, summary.json."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from align.runner import Interrupted, JobError, OptionsError, align_dataset
-    from facenet_nets.weights import WeightsError, weights_dir
+    from facenet_nets.weights import WeightsError
 
     try:
-        weights_dir()                    # fetch once here, not in every worker
-        summary = align_dataset(input_dir, output_dir, Config(format=fmt, **options))
-    except (OptionsError, ValueError) as e:
+        config = Config(format=fmt, **options)
+    except ValueError as e:
+        raise click.UsageError(str(e))
+    try:
+        summary = align_dataset(input_dir, output_dir, config)
+    except OptionsError as e:
         raise click.UsageError(str(e))
     except (JobError, WeightsError) as e:
         raise click.ClickException(str(e))
@@ -120,15 +122,18 @@ def main(input_dir, output_dir, fmt, **options):
 
 
 def _command_line() -> str:
+    """The command as typed, less --overwrite (which would throw the progress away)."""
     import shlex
-    return " ".join(shlex.quote(a) for a in ["align_dataset", *sys.argv[1:]])
+    args = [a for a in sys.argv[1:] if a not in ("--overwrite",)]
+    return " ".join(shlex.quote(a) for a in ["align_dataset", *args])
 
 
 def _print_summary(s: dict) -> None:
     rate = f"{s['images_per_s']} images/s" if s["images_per_s"] else "nothing left to do"
+    errors = f", {s['errors']} failed (retried by the next run)" if s["errors"] else ""
     click.echo(f"{s['images']} images: {s['aligned']} aligned, {s['no_face']} no face, "
-               f"{s['unreadable']} unreadable, {s['skipped']} skipped; {s['faces_written']} faces "
-               f"written in {s['wall_s']:.1f} s ({rate}). Records: {s['output_dir']}/faces.jsonl")
+               f"{s['unreadable']} unreadable, {s['skipped']} skipped{errors}; {s['faces_written']} "
+               f"faces written in {s['wall_s']:.1f} s ({rate}). Records: {s['output_dir']}/faces.jsonl")
 
 
 if __name__ == "__main__":

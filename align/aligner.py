@@ -17,15 +17,17 @@ from align.crop import choose_faces, crop_box, thumbnail
 from align.dataset import Shard, Task
 from align.detect import Detector, Faces
 from align.imageio import UnreadableImage, decode_image, encode_image, sniff, write_atomic
+from facenet_nets.wheelfile import fsync_dir
 from align.records import Journal
 
-BATCH = 16      # images per detect_batch call
+BATCH = 16                      # images per detect_batch call, at most
+MAX_BATCH_PIXELS = 20_000_000   # decoded pixels per batch: a batch lives in up to 3 stages
 
 Progress = Callable[[int, int, int], None]      # (images, faces written, failures)
 
 
 def _read(path: Path) -> tuple[np.ndarray | None, str | None, str | None]:
-    """(image, None, None), or (None, status, reason) when it cannot be used."""
+    """(image, None, None), or (None, status, reason) when it cannot be used now."""
     try:
         return decode_image(path), None, None
     except UnreadableImage as e:
@@ -34,6 +36,12 @@ def _read(path: Path) -> tuple[np.ndarray | None, str | None, str | None]:
         except UnreadableImage:
             status = "unreadable"
         return None, status, str(e)
+    except Exception as e:      # MemoryError and the like: the file may be fine; retried
+        return None, "error", _describe(e)
+
+
+def _describe(e: BaseException) -> str:
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"[:300]
 
 
 def _face_record(faces: Faces, i: int) -> dict:
@@ -61,7 +69,7 @@ class Aligner:
         legacy_outputs: the output folder predates our journals, so an image whose thumbnail
         exists is skipped, as facenet skipped it."""
         done = journal.load()
-        todo = [t for t in shard.tasks if t.rel not in done]
+        todo = [t for t in shard.tasks if t.rel not in done or done[t.rel]["status"] == "error"]
         if legacy_outputs:
             multiple = self.config.detect_multiple_faces
             skipped = [self._record(t, "skipped_existing", None, None) for t in todo
@@ -69,23 +77,47 @@ class Aligner:
             journal.append(skipped)
             done.update((r["input"], r) for r in skipped)
             todo = [t for t in todo if t.rel not in done]
-        batches = [todo[k:k + BATCH] for k in range(0, len(todo), BATCH)]
         with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
-            read = lambda batch: [_read(self.input_dir / t.rel) for t in batch]
-            pending = reader.submit(read, batches[0]) if batches else None
+            pending = reader.submit(self._read_batch, todo, 0) if todo else None
             writes = []
-            for k, batch in enumerate(batches):
-                decoded = pending.result()
-                if k + 1 < len(batches):
-                    pending = reader.submit(read, batches[k + 1])
-                images = [im for im, _, _ in decoded if im is not None]
-                found = iter(self.detector.detect_batch(images, self.config.detect_params))
-                results = [(t, im, status, reason, next(found) if im is not None else None)
-                           for t, (im, status, reason) in zip(batch, decoded)]
-                writes.append(writer.submit(self._write, results, journal, progress))
+            while pending:
+                batch, following = pending.result()
+                pending = reader.submit(self._read_batch, todo, following) if following < len(todo) else None
+                writes.append(writer.submit(self._write, self._detect(batch), journal, progress))
             records = [r for w in writes for r in w.result()]
         done.update((r["input"], r) for r in records)
         return [done[t.rel] for t in shard.tasks]
+
+    def _read_batch(self, tasks: list[Task], start: int) -> tuple[list[tuple], int]:
+        """Decode tasks from `start` until BATCH images or MAX_BATCH_PIXELS decoded pixels;
+        returns [(task, image, status, reason)] and the index of the first task left."""
+        batch, pixels, i = [], 0, start
+        while i < len(tasks) and len(batch) < BATCH and pixels < MAX_BATCH_PIXELS:
+            image, status, reason = _read(self.input_dir / tasks[i].rel)
+            batch.append((tasks[i], image, status, reason))
+            pixels += 0 if image is None else image.shape[0] * image.shape[1]
+            i += 1
+        return batch, i
+
+    def _detect(self, batch: list[tuple]) -> list[tuple]:
+        """[(task, image, status, reason, faces)]; when the batch fails (out of memory, say),
+        each image alone, so that one image's failure is that image's record only."""
+        images = [im for _, im, _, _ in batch if im is not None]
+        try:
+            found = iter(self.detector.detect_batch(images, self.config.detect_params))
+            return [(t, im, s, r, next(found) if im is not None else None) for t, im, s, r in batch]
+        except Exception:
+            pass
+        out = []
+        for task, image, status, reason in batch:
+            faces = None
+            if image is not None:
+                try:
+                    faces = self.detector.detect(image, self.config.detect_params)
+                except Exception as e:
+                    image, status, reason = None, "error", _describe(e)
+            out.append((task, image, status, reason, faces))
+        return out
 
     def _record(self, task: Task, status: str, reason: str | None,
                 image: np.ndarray | None) -> dict:
@@ -94,30 +126,40 @@ class Aligner:
                 "output": self.output_name(task), "faces": [], "written": []}
 
     def _write(self, results, journal: Journal, progress: Progress | None) -> list[dict]:
-        """Thumbnails of one batch, renamed into place, then its records journaled."""
-        records = []
-        n_faces = n_failed = 0
+        """Thumbnails of one batch, renamed into place and made durable, then its records
+        journaled. A failure on one image (a name too long for the file system, a full
+        disk) becomes that image's "error" record, which the next run retries."""
+        records, folders = [], set()
         for task, image, status, reason, faces in results:
             if image is None:
                 records.append(self._record(task, status, reason, None))
-                n_failed += status == "unreadable"
                 continue
-            record = self._record(task, "aligned" if len(faces) else "no_face", None, image)
-            record["faces"] = [_face_record(faces, i) for i in range(len(faces))]
-            multiple = self.config.detect_multiple_faces
-            for n, i in enumerate(choose_faces(faces.boxes, image.shape[:2], multiple)):
-                box = crop_box(faces.boxes[i], image.shape[:2], self.config.margin)
-                thumb = thumbnail(image, box, self.config.image_size)
-                if thumb is None:
-                    continue
-                name = self.output_name(task, n if multiple else None)
-                write_atomic(self.output_dir / name, encode_image(thumb, self.config.format))
-                record["written"].append({"face": i, "crop_box": list(box), "output": name})
-            if len(faces) and not record["written"]:
-                record.update(status="no_face", reason="every face's crop is empty")
-            n_faces += len(record["written"])
+            try:
+                record = self._aligned(task, image, faces)
+            except Exception as e:
+                record = self._record(task, "error", _describe(e), image)
+            folders.update((self.output_dir / w["output"]).parent for w in record["written"])
             records.append(record)
+        for folder in folders:
+            fsync_dir(folder)
         journal.append(records)
         if progress:
-            progress(len(records), n_faces, n_failed)
+            failed = sum(r["status"] in ("unreadable", "error") for r in records)
+            progress(len(records), sum(len(r["written"]) for r in records), failed)
         return records
+
+    def _aligned(self, task: Task, image: np.ndarray, faces: Faces) -> dict:
+        record = self._record(task, "aligned" if len(faces) else "no_face", None, image)
+        record["faces"] = [_face_record(faces, i) for i in range(len(faces))]
+        multiple = self.config.detect_multiple_faces
+        for n, i in enumerate(choose_faces(faces.boxes, image.shape[:2], multiple)):
+            box = crop_box(faces.boxes[i], image.shape[:2], self.config.margin)
+            thumb = thumbnail(image, box, self.config.image_size)
+            if thumb is None:
+                continue
+            name = self.output_name(task, n if multiple else None)
+            write_atomic(self.output_dir / name, encode_image(thumb, self.config.format))
+            record["written"].append({"face": i, "crop_box": list(box), "output": name})
+        if len(faces) and not record["written"]:
+            record.update(status="no_face", reason="every face's crop is empty")
+        return record

@@ -24,7 +24,7 @@ from align.resample import area_crops, summed_area_table
 from facenet_nets.nets import Nets, build_nets
 
 NORM_MEAN, NORM_SCALE = 127.5, 0.0078125
-MAX_LEVEL_PIXELS = 8_000_000     # pyramid pixels per P-Net call (bounds activation memory)
+MAX_LEVEL_PIXELS = 8_000_000     # source pixels of the photos sharing one P-Net call
 MAX_CROPS = 256                  # candidates per R-Net / O-Net call (R-Net runs 20% slower at 2048)
 # R-Net and O-Net calls are padded to a multiple of this many rows: with fewer than 4 rows
 # oneDNN takes another GEMM path whose float rounding differs, which would make an image's

@@ -45,8 +45,6 @@ def _reason(e: BaseException) -> str:
     """A short reason for an exception raised while opening or decoding an image."""
     if isinstance(e, OSError) and e.errno is not None:  # the file system, not PIL
         return _one_line(e.strerror or os.strerror(e.errno)).lower()
-    if isinstance(e, MemoryError):
-        return "out of memory while decoding"
     message = _one_line(str(e)) or type(e).__name__
     if isinstance(e, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
         return f"decompression bomb: {message}"
@@ -89,7 +87,9 @@ def sniff(path: PathArg) -> str | None:
                 return im.format
         except UnidentifiedImageError:
             return None
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning, MemoryError) as e:
+        except MemoryError:
+            raise                   # the machine's state, not the file's: not a verdict on it
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             raise UnreadableImage(_reason(e)) from e
         except OSError as e:
             if e.errno is not None:
@@ -130,7 +130,7 @@ def decode_image(path: PathArg, max_pixels: int = MAX_PIXELS) -> np.ndarray:
                         f"over the limit of {max_pixels}")
                 im.load()
                 return _to_rgb(_exif_transposed(im))
-        except UnreadableImage:
+        except (UnreadableImage, MemoryError):
             raise
         except UnidentifiedImageError as e:
             raise UnreadableImage("not an image (no known image format)") from e

@@ -20,7 +20,9 @@ from pathlib import Path
 from facenet_nets.wheelfile import write_atomic
 
 STATE = ".align_dataset"
-STATUSES = ("aligned", "no_face", "unreadable", "not_an_image", "skipped_existing")
+# "error": a failure that says nothing about the file (out of memory, a full disk, a name too
+# long for the file system): recorded with its reason, and retried by the next run
+STATUSES = ("aligned", "no_face", "unreadable", "not_an_image", "skipped_existing", "error")
 
 
 def dumps(record: dict) -> str:
@@ -75,7 +77,7 @@ class StateDir:
         f = open(self.root / "lock", "a+")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        except OSError:
             f.close()
             return False
         self._lock = f
@@ -107,6 +109,13 @@ class StateDir:
     def reset(self) -> None:
         for path in self.journals.glob("*.jsonl"):
             path.unlink()
+        self.legacy_marker.unlink(missing_ok=True)
+
+    @property
+    def legacy_marker(self) -> Path:
+        """Present when the first run found thumbnails it had not written (facenet's): those
+        are skipped as facenet skipped them, by that run and by every rerun that resumes it."""
+        return self.root / "legacy_outputs"
 
 
 def bounding_box_lines(record: dict, output_dir: str) -> list[str]:

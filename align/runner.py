@@ -16,11 +16,13 @@ import sys
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 from align.config import Config, usable_cores
 from align.dataset import Shard, walk
 from align.records import StateDir, count, write_results
+from facenet_nets.weights import verify_weights
 
 # options whose change changes the output: a resumed run must use the same ones
 OUTPUT_OPTIONS = ("image_size", "margin", "detect_multiple_faces", "min_face_size",
@@ -185,18 +187,19 @@ def align_dataset(input_dir, output_dir, config: Config | None = None, **options
     output_arg = os.path.expanduser(str(output_dir))
     input_dir, output_dir = Path(os.path.expanduser(str(input_dir))), Path(output_arg)
     _check_dirs(input_dir, output_dir)
-    legacy_outputs = output_dir.is_dir() and any(output_dir.iterdir()) and not (output_dir / ".align_dataset").exists()
+    verify_weights()        # once, here: not a fetch or a traceback in every worker
+    found_outputs = output_dir.is_dir() and any(output_dir.iterdir()) and not StateDir(output_dir).root.exists()
     output_dir.mkdir(parents=True, exist_ok=True)
     state = StateDir(output_dir)
     if not state.lock():
         raise JobError(f"another align_dataset run is writing to {output_dir}; wait for it to finish")
     try:
-        return _run(config, input_dir, output_dir, output_arg, state, legacy_outputs, t0)
+        return _run(config, input_dir, output_dir, output_arg, state, found_outputs, t0)
     finally:
         state.unlock()
 
 
-def _run(config, input_dir, output_dir, output_arg, state, legacy_outputs, t0) -> dict:
+def _run(config, input_dir, output_dir, output_arg, state, found_outputs, t0) -> dict:
     options = {k: getattr(config, k) for k in OUTPUT_OPTIONS}
     options["thresholds"] = list(options["thresholds"])
     previous = state.options()
@@ -210,22 +213,28 @@ def _run(config, input_dir, output_dir, output_arg, state, legacy_outputs, t0) -
         raise OptionsError(f"{output_dir} was aligned with other options ({diff}): rerun with the "
                        f"same options to resume, or add --overwrite to start over")
     state.set_options(options)
+    if found_outputs and not config.overwrite:
+        state.legacy_marker.touch()
+    legacy_outputs = state.legacy_marker.exists()
     _remove_stale_temporaries(output_dir)
 
     job = walk(input_dir)
     for identity in {t.out_base.split("/")[0] for s in job.shards for t in s.tasks}:
         (output_dir / identity).mkdir(exist_ok=True)
     records = state.load_all()
-    todo = [s for s in job.shards if any(t.rel not in records for t in s.tasks)]
+    pending = lambda t: t.rel not in records or records[t.rel]["status"] == "error"
+    todo = [s for s in job.shards if any(pending(t) for t in s.tasks)]
     if config.random_order:
         random.shuffle(todo)
-    done_before = job.n_tasks - sum(1 for s in todo for t in s.tasks if t.rel not in records)
+    done_before = job.n_tasks - sum(1 for s in todo for t in s.tasks if pending(t))
     progress = _Progress(job.n_tasks, done_before, config.quiet)
     ready: list[float] = []
     t_work = time.perf_counter()
-    if todo:
-        _run_pool(config, input_dir, output_dir, todo, legacy_outputs, progress, ready, records)
-    progress.close()
+    try:
+        if todo:
+            _run_pool(config, input_dir, output_dir, todo, legacy_outputs, progress, ready, records)
+    finally:
+        progress.close()
     t_end = time.perf_counter()
 
     ordered = [records[t.rel] for s in job.shards for t in s.tasks]
@@ -234,7 +243,7 @@ def _run(config, input_dir, output_dir, output_arg, state, legacy_outputs, t0) -
     summary = {
         "input_dir": str(input_dir), "output_dir": output_arg, "images": job.n_tasks,
         "aligned": counts["aligned"], "no_face": counts["no_face"],
-        "unreadable": counts["unreadable"],
+        "unreadable": counts["unreadable"], "errors": counts["error"],
         "skipped": counts["not_an_image"] + counts["skipped_existing"] + len(job.skipped),
         "faces_written": counts["faces_written"],
         "not_an_image": counts["not_an_image"], "skipped_existing": counts["skipped_existing"],
@@ -272,6 +281,10 @@ def _run_pool(config, input_dir, output_dir, todo, legacy_outputs, progress, rea
             p.kill()
         pool.shutdown(wait=False, cancel_futures=True)
         raise Interrupted() from None
+    except BrokenProcessPool:
+        raise JobError("a worker process died (killed, or out of memory?): what it had finished "
+                       "is kept; rerun the same command to resume, with fewer --workers if "
+                       "memory ran out") from None
     finally:
         signal.signal(signal.SIGTERM, previous_term)
         pool.shutdown(wait=True, cancel_futures=True)

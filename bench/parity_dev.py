@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from align import boxes as bx
-from align.detect import DetectParams, Detector
+from align.detect import Detector
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 

@@ -72,18 +72,29 @@ def weights_dir(directory: str | os.PathLike | None = None, fetch: bool = True) 
     return cache
 
 
+def verify_weights(directory: str | os.PathLike | None = None) -> Path:
+    """The weights directory (fetched when needed) once all three files match their sha256."""
+    path = weights_dir(directory)
+    for name, digest in SHA256.items():
+        got = sha256_of(path / name)
+        if got != digest:
+            raise WeightsError(f"{path / name} has sha256 {got}, expected {digest}: refusing to "
+                               f"unpickle it. Delete it and run again to fetch a good copy.")
+    return path
+
+
 def load_weights(name: str, directory: str | os.PathLike | None = None) -> dict:
     """The dict {layer: {param: ndarray}} of `name` ("det1.npy", "det2.npy" or "det3.npy"),
     unpickled only after its sha256 matched."""
     if name not in SHA256:
         raise ValueError(f"unknown weights file {name!r}; expected one of {sorted(SHA256)}")
-    path = weights_dir(directory) / name
-    got = sha256_of(path)
+    directory = weights_dir(directory)
+    got = sha256_of(directory / name)
     if got != SHA256[name]:
-        raise WeightsError(f"{path} has sha256 {got}, expected {SHA256[name]}: refusing to "
-                           f"unpickle it. Delete it and run again to fetch a good copy.")
-    return np.load(path, encoding="latin1", allow_pickle=True).item()
+        raise WeightsError(f"{directory / name} has sha256 {got}, expected {SHA256[name]}: "
+                           f"refusing to unpickle it. Delete it and run again to fetch a good copy.")
+    return np.load(directory / name, encoding="latin1", allow_pickle=True).item()
 
 
 if __name__ == "__main__":
-    print(weights_dir())
+    print(verify_weights())

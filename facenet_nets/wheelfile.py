@@ -44,12 +44,13 @@ def fetch_members(requirement: str, members: dict[str, tuple[str, Path]]) -> Non
 
 
 def write_atomic(dest: Path, data: bytes) -> None:
-    """Write `data` to `dest` through a temporary file in the same folder and a rename."""
+    """Write `data` to `dest` through a temporary file in the same folder (`.tmp-*.tmp`, short
+    whatever the length of `dest`'s name) and a rename. On failure `dest` is untouched."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-", suffix=".tmp")
     try:
-        os.fchmod(fd, 0o644)        # mkstemp makes 0600; outputs are for everyone to read
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o644)    # mkstemp makes 0600; outputs are for everyone to read
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -57,3 +58,12 @@ def write_atomic(dest: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the renames into `path` durable (what a power loss may otherwise undo)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -48,9 +48,9 @@ def align_cmd(*args) -> list[str]:
     return [sys.executable, "-m", "align", *(os.fspath(a) if isinstance(a, Path) else str(a) for a in args)]
 
 
-def run_align(*args, cwd=None, timeout=300) -> subprocess.CompletedProcess:
-    return subprocess.run(align_cmd(*args), cwd=cwd, env=cli_env(), capture_output=True,
-                          text=True, errors="replace", timeout=timeout)
+def run_align(*args, cwd=None, timeout=300, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run(align_cmd(*args), cwd=cwd, env={**cli_env(), **(env or {})},
+                          capture_output=True, text=True, errors="replace", timeout=timeout)
 
 
 def start_align(*args, cwd=None) -> subprocess.Popen:
@@ -771,3 +771,71 @@ def test_dev_set_aligned_like_facenet(tmp_path):
         if r["status"] == "aligned":
             for w in r["written"]:
                 assert (tmp_path / "out" / w["output"]).is_file()
+
+
+def test_long_names_align_or_fail_alone_and_are_retried(sample_dir, tmp_path):
+    """A 250-byte name aligns (its temporary file must not be longer than the limit); two
+    252-byte names sharing a stem need 256-byte outputs: each gets an "error" record with
+    the file system's reason, the photo beside them is aligned, and a rerun retries them."""
+    src = tmp_path / "in" / "p"
+    src.mkdir(parents=True)
+    long_ok = "a" * 246 + ".jpg"                       # output: 246 + 4 = 250 bytes
+    clash = "b" * 248                                  # b...b.jpg and b...b.png -> 256 bytes
+    for name in (long_ok, clash + ".jpg", clash + ".png", "short.jpg"):
+        shutil.copyfile(sample(sample_dir, "grace_hopper.jpg"), src / name)
+    out = tmp_path / "out"
+    p = ok(run_align(tmp_path / "in", out, "--workers", 1, "--image_size", 64))
+    by_input = {r["input"]: r for r in records(out)}
+    assert by_input[f"p/{long_ok}"]["status"] == "aligned"
+    assert (out / "p" / ("a" * 246 + ".png")).is_file()
+    assert by_input["p/short.jpg"]["status"] == "aligned"
+    for name in (clash + ".jpg", clash + ".png"):
+        r = by_input[f"p/{name}"]
+        assert r["status"] == "error" and "too long" in r["reason"].lower(), r
+    s = summary(out)
+    assert s["errors"] == 2 and s["aligned"] == 2
+    assert "2 failed (retried by the next run)" in p.stdout
+    assert not list((out / "p").glob(".*.tmp"))
+    # a rerun retries exactly those two (and fails the same way), nothing else
+    ok(run_align(tmp_path / "in", out, "--workers", 1, "--image_size", 64, "--quiet"))
+    assert summary(out)["processed_this_run"] == 2
+    assert [r["status"] for r in records(out)].count("error") == 2
+
+
+def test_folder_aligned_by_facenet_stays_skipped_after_a_kill(sample_dir, tmp_path):
+    """Thumbnails found at the first run (facenet's) are skipped by that run and by the rerun
+    that resumes it after a kill; --overwrite redoes them."""
+    src = tmp_path / "in" / "p"
+    src.mkdir(parents=True)
+    shutil.copyfile(sample(sample_dir, "grace_hopper.jpg"), src / "a.jpg")
+    out = tmp_path / "out"
+    (out / "p").mkdir(parents=True)
+    (out / "p" / "a.png").write_bytes(b"facenet's thumbnail")
+    ok(run_align(tmp_path / "in", out, "--workers", 1, "--quiet"))
+    assert records(out)[0]["status"] == "skipped_existing"
+    # what a kill leaves: the state folder, but no journal line yet
+    for journal in (out / ".align_dataset" / "journal").glob("*.jsonl"):
+        journal.unlink()
+    (out / "faces.jsonl").unlink()
+    ok(run_align(tmp_path / "in", out, "--workers", 1, "--quiet"))
+    assert records(out)[0]["status"] == "skipped_existing"
+    assert (out / "p" / "a.png").read_bytes() == b"facenet's thumbnail"
+    ok(run_align(tmp_path / "in", out, "--workers", 1, "--quiet", "--overwrite"))
+    assert records(out)[0]["status"] == "aligned"
+    assert (out / "p" / "a.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_corrupt_weights_are_one_clear_error(sample_dir, tmp_path):
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    from facenet_nets.weights import SHA256, weights_dir
+    for name in SHA256:
+        shutil.copyfile(weights_dir() / name, weights / name)
+    with open(weights / "det3.npy", "r+b") as f:
+        f.seek(1000)
+        f.write(b"\0\0\0\0")
+    env = {"ALIGN_WEIGHTS_DIR": str(weights)}
+    p = run_align(sample_dir, tmp_path / "out", "--workers", 1, env=env)
+    assert p.returncode == 1, p.stderr
+    assert "det3.npy has sha256" in p.stderr and "refusing to unpickle" in p.stderr
+    assert "Traceback" not in p.stderr

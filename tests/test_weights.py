@@ -1,5 +1,4 @@
 """Weights: found in order, verified before unpickling, refused with a clear message."""
-import pickle
 import shutil
 
 import numpy as np
