@@ -65,7 +65,8 @@ class Aligner:
 
     def run_shard(self, shard: Shard, journal: Journal, legacy_outputs: bool = False,
                   progress: Progress | None = None) -> list[dict]:
-        """Align the shard's images that `journal` lacks; returns every record of the shard.
+        """Align the shard's images that `journal` lacks or records as "error"; returns every
+        record of the shard.
         legacy_outputs: the output folder predates our journals, so an image whose thumbnail
         exists is skipped, as facenet skipped it."""
         done = journal.load()
