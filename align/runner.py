@@ -12,6 +12,7 @@ import os
 import random
 import resource
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -57,22 +58,28 @@ def _die_with_parent() -> None:
 
 
 def _configure_tf(threads: int, gpu_memory_fraction: float) -> None:
+    """Threads and GPU memory of this worker's TensorFlow. Where TF has already started in
+    the process (a caller's script re-imported by spawn, say), it keeps what it has."""
     import tensorflow as tf
-    tf.config.threading.set_intra_op_parallelism_threads(threads)
-    tf.config.threading.set_inter_op_parallelism_threads(1)
-    for gpu in tf.config.list_physical_devices("GPU"):
-        tf.config.experimental.set_memory_growth(gpu, True)
-    if gpu_memory_fraction < 1:
-        try:  # facenet's per_process_gpu_memory_fraction, as a limit on the logical device
-            import subprocess
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    except RuntimeError:
+        pass
+    gpus = tf.config.list_physical_devices("GPU")
+    try:
+        for gpu in gpus:
+            tf.config.experimental.set_memory_growth(gpu, True)
+        if gpus and gpu_memory_fraction < 1:
+            # facenet's per_process_gpu_memory_fraction, as a limit on the logical device
             totals = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
                                     capture_output=True, text=True, check=True).stdout.split()
-            for gpu, total in zip(tf.config.list_physical_devices("GPU"), totals):
+            for gpu, total in zip(gpus, totals):
                 limit = int(float(total) * gpu_memory_fraction)
                 tf.config.set_logical_device_configuration(
                     gpu, [tf.config.LogicalDeviceConfiguration(memory_limit=limit)])
-        except (OSError, subprocess.CalledProcessError, ValueError, RuntimeError):
-            pass
+    except (OSError, ValueError, RuntimeError, subprocess.CalledProcessError):
+        pass
 
 
 class _QuietStderr:
