@@ -12,7 +12,7 @@ import sys
 
 import click
 
-from align.config import Config, FORMATS, default_workers
+from align.config import Config, FORMATS
 
 DEFAULTS = Config()
 BOOL_WORDS = {"true", "false", "1", "0", "yes", "no"}
@@ -83,7 +83,7 @@ def _opt(*names, **kw):
       help="Process identities in random order (the output is the same).")
 @_opt("--gpu_memory_fraction", type=click.FloatRange(0, 1, min_open=True), default=DEFAULTS.gpu_memory_fraction,
       help="Upper bound on the GPU memory each worker may use.")
-@_opt("--workers", type=click.IntRange(min=1), default=default_workers(),
+@_opt("--workers", type=click.IntRange(min=1), default=DEFAULTS.workers,
       help="Worker processes (default: this machine's cores).")
 @_opt("--min_face_size", type=click.FloatRange(min=1), default=DEFAULTS.min_face_size,
       help="Smallest face searched for, pixels of the input image (facenet's minsize).")

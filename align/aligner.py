@@ -16,9 +16,9 @@ from align.config import Config
 from align.crop import choose_faces, crop_box, thumbnail
 from align.dataset import Shard, Task
 from align.detect import Detector, Faces
-from align.imageio import UnreadableImage, decode_image, encode_image, sniff, write_atomic
-from facenet_nets.wheelfile import fsync_dir
+from align.imageio import NotAnImage, UnreadableImage, decode_image, encode_image
 from align.records import Journal
+from facenet_nets.wheelfile import fsync_dir, write_atomic
 
 BATCH = 16                      # images per detect_batch call, at most
 MAX_BATCH_PIXELS = 20_000_000   # decoded pixels per batch: a batch lives in up to 3 stages
@@ -30,12 +30,10 @@ def _read(path: Path) -> tuple[np.ndarray | None, str | None, str | None]:
     """(image, None, None), or (None, status, reason) when it cannot be used now."""
     try:
         return decode_image(path), None, None
+    except NotAnImage as e:
+        return None, "not_an_image", str(e)
     except UnreadableImage as e:
-        try:
-            status = "not_an_image" if sniff(path) is None else "unreadable"
-        except UnreadableImage:
-            status = "unreadable"
-        return None, status, str(e)
+        return None, "unreadable", str(e)
     except Exception as e:      # MemoryError and the like: the file may be fine; retried
         return None, "error", _describe(e)
 

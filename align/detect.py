@@ -132,8 +132,9 @@ class Detector:
         return results
 
     def _stage1(self, images: list[np.ndarray], params: DetectParams) -> list[np.ndarray]:
-        """P-Net candidates per image: (K, 4) integer-valued float boxes after NMS, P-Net
-        regression, squaring and truncation; the pyramid of images of one size runs batched."""
+        """P-Net candidates per image: (K, 5) rows [x1, y1, x2, y2, score], the corners
+        truncated to integers, after NMS, P-Net regression and squaring; the pyramid of
+        images of one size runs batched."""
         t1 = params.thresholds[0]
         per_level: dict[tuple[int, int], np.ndarray] = {}
         plans = [[(s, bx.level_size(*im.shape[:2], s))
@@ -171,8 +172,10 @@ def _crops(image: np.ndarray, boxes: np.ndarray, size: int) -> np.ndarray | None
         return None
     windows = bx.crop_windows(boxes)
     h, w = image.shape[:2]
-    x0, y0 = (int(np.clip(np.floor(windows[:, i].min()), 0, lim)) for i, lim in ((0, w - 1), (1, h - 1)))
-    x1, y1 = (int(np.clip(np.ceil(windows[:, i].max()), lo + 1, lim)) for i, lo, lim in ((2, x0, w), (3, y0, h)))
+    left, top = np.floor(windows[:, :2].min(axis=0))
+    right, bottom = np.ceil(windows[:, 2:].max(axis=0))
+    x0, y0 = int(np.clip(left, 0, w - 1)), int(np.clip(top, 0, h - 1))
+    x1, y1 = int(np.clip(right, x0 + 1, w)), int(np.clip(bottom, y0 + 1, h))
     sat = summed_area_table(image[y0:y1, x0:x1])
     crops = area_crops(sat, windows - np.array([x0, y0, x0, y0]), size)
     return ((crops - NORM_MEAN) * NORM_SCALE).astype(np.float32)

@@ -13,15 +13,15 @@ from __future__ import annotations
 import io
 import os
 import stat
-from pathlib import Path
 from typing import BinaryIO, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from facenet_nets.wheelfile import write_atomic as _write_atomic
+from facenet_nets.wheelfile import write_atomic  # re-exported: thumbnails are written with it
 
-__all__ = ["MAX_PIXELS", "UnreadableImage", "sniff", "decode_image", "encode_image", "write_atomic"]
+__all__ = ["MAX_PIXELS", "UnreadableImage", "NotAnImage", "sniff", "decode_image", "encode_image",
+           "write_atomic"]
 
 MAX_PIXELS: int = 60_000_000
 """Images with more pixels (width x height, from the header) are refused before decoding."""
@@ -35,6 +35,10 @@ class UnreadableImage(Exception):
     """An input that cannot be decoded; str(e) is a short, one-line human reason, such as
     'empty file (0 bytes)', 'not an image (no known image format)', 'truncated image: ...',
     'decompression bomb: ...', 'permission denied', 'too many levels of symbolic links'."""
+
+
+class NotAnImage(UnreadableImage):
+    """The file was read, and holds nothing PIL knows as an image (an empty file included)."""
 
 
 def _one_line(text: str) -> str:
@@ -115,12 +119,13 @@ def decode_image(path: PathArg, max_pixels: int = MAX_PIXELS) -> np.ndarray:
       (about 179 million pixels) whatever max_pixels says.
     - Truncated files are refused, not half-decoded.
 
-    Every failure raises UnreadableImage with a one-line reason, never anything else.
+    Every failure of the file raises UnreadableImage (NotAnImage when it holds no image) with
+    a one-line reason. MemoryError, which says nothing about the file, passes through.
     """
     f, size = _open_file(path)
     with f:
         if size == 0:
-            raise UnreadableImage("empty file (0 bytes)")
+            raise NotAnImage("empty file (0 bytes)")
         try:
             with Image.open(f) as im:
                 width, height = im.size
@@ -133,7 +138,7 @@ def decode_image(path: PathArg, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         except (UnreadableImage, MemoryError):
             raise
         except UnidentifiedImageError as e:
-            raise UnreadableImage("not an image (no known image format)") from e
+            raise NotAnImage("not an image (no known image format)") from e
         except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, EOFError, ...
             raise UnreadableImage(_reason(e)) from e
 
@@ -187,11 +192,3 @@ def encode_image(array: np.ndarray, fmt: str) -> bytes:
     else:
         raise ValueError(f"unknown thumbnail format {fmt!r}: expected 'png' or 'jpg'")
     return buffer.getvalue()
-
-
-def write_atomic(path: PathArg, data: bytes) -> None:
-    """Write data to path through a temporary file in the same folder ('.<name>.*.tmp'),
-    fsync, then os.replace into place; on any failure the temporary file is removed and the
-    destination is left as it was. Creates missing parent folders.
-    facenet_nets.wheelfile.write_atomic, taking any path type."""
-    _write_atomic(Path(os.fsdecode(path)), data)

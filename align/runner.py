@@ -161,7 +161,7 @@ class _Progress:
             self.last_log = time.perf_counter()
             rate = self.done / max(1e-9, self.last_log - self.start)
             print(f"align_dataset: {self.done}/{self.total} images, {self.faces} faces written, "
-                  f"{self.failed} unreadable, {rate:.1f} images/s", flush=True)
+                  f"{self.failed} failed, {rate:.1f} images/s", flush=True)
 
     def close(self) -> None:
         if self.bar:
@@ -169,10 +169,14 @@ class _Progress:
 
 
 def _pump(events, progress: _Progress, ready: list, stop: threading.Event) -> None:
-    while not stop.is_set():
+    """Workers' events into the progress until `stop` is set and the queue is empty. `stop`
+    is set once every worker has exited, and an exiting worker flushes its events first."""
+    while True:
         try:
             kind, n, faces, failed = events.get(timeout=0.2)
-        except Exception:  # queue.Empty, or the queue closed under us
+        except Exception:   # queue.Empty; or a message torn by a worker killed on Ctrl-C
+            if stop.is_set():
+                return
             continue
         if kind == "ready":
             ready.append(time.perf_counter())
@@ -195,9 +199,9 @@ def align_dataset(input_dir, output_dir, config: Config | None = None, **options
     input_dir, output_dir = Path(os.path.expanduser(str(input_dir))), Path(output_arg)
     _check_dirs(input_dir, output_dir)
     verify_weights()        # once, here: not a fetch or a traceback in every worker
-    found_outputs = output_dir.is_dir() and any(output_dir.iterdir()) and not StateDir(output_dir).root.exists()
-    output_dir.mkdir(parents=True, exist_ok=True)
     state = StateDir(output_dir)
+    found_outputs = output_dir.is_dir() and any(output_dir.iterdir()) and not state.root.exists()
+    output_dir.mkdir(parents=True, exist_ok=True)
     if not state.lock():
         raise JobError(f"another align_dataset run is writing to {output_dir}; wait for it to finish")
     try:
@@ -238,8 +242,8 @@ def _run(config, input_dir, output_dir, output_arg, state, found_outputs, t0) ->
     ready: list[float] = []
     t_work = time.perf_counter()
     try:
-        if todo:
-            _run_pool(config, input_dir, output_dir, todo, legacy_outputs, progress, ready, records)
+        workers = _run_pool(config, input_dir, output_dir, todo, legacy_outputs, progress, ready,
+                            records) if todo else 0
     finally:
         progress.close()
     t_end = time.perf_counter()
@@ -256,7 +260,7 @@ def _run(config, input_dir, output_dir, output_arg, state, found_outputs, t0) ->
         "not_an_image": counts["not_an_image"], "skipped_existing": counts["skipped_existing"],
         "skipped_entries": job.skipped,
         "processed_this_run": job.n_tasks - done_before,
-        "workers": config.workers if todo else 0,
+        "workers": workers,
         "wall_s": round(t_end - t0, 3), "processing_s": round(processing_s, 3),
         "images_per_s": round((job.n_tasks - done_before) / processing_s, 2) if processing_s > 0 else None,
         "peak_rss_mb": round(_peak_rss_mb(), 1),
@@ -265,7 +269,9 @@ def _run(config, input_dir, output_dir, output_arg, state, found_outputs, t0) ->
     return summary
 
 
-def _run_pool(config, input_dir, output_dir, todo, legacy_outputs, progress, ready, records) -> None:
+def _run_pool(config, input_dir, output_dir, todo, legacy_outputs, progress, ready, records) -> int:
+    """Run the shards on a pool of workers, their records into `records`; returns how many
+    workers it started."""
     ctx = mp.get_context("spawn")
     events = ctx.Queue()
     workers = min(config.workers, len(todo))
@@ -284,6 +290,7 @@ def _run_pool(config, input_dir, output_dir, todo, legacy_outputs, progress, rea
                 for r in f.result():
                     records[r["input"]] = r
     except KeyboardInterrupt:
+        # the workers ignore SIGINT; the executor has no public way to stop running tasks
         for p in list(getattr(pool, "_processes", {}).values()):
             p.kill()
         pool.shutdown(wait=False, cancel_futures=True)
@@ -295,6 +302,6 @@ def _run_pool(config, input_dir, output_dir, todo, legacy_outputs, progress, rea
     finally:
         signal.signal(signal.SIGTERM, previous_term)
         pool.shutdown(wait=True, cancel_futures=True)
-        time.sleep(0.3)  # let the pump drain the last events
         stop.set()
         pump.join()
+    return workers

