@@ -61,34 +61,48 @@ def generate_boxes(prob: np.ndarray, reg: np.ndarray, scale: float, threshold: f
     return np.column_stack([x1, y1, x2, y2, score, offsets]).astype(np.float64).reshape(-1, 9)
 
 
+NMS_BLOCK = 256    # boxes whose pairwise overlaps nms computes at once
+
+
+def _overlap(b: np.ndarray, rows: np.ndarray, cols: np.ndarray, method: str) -> np.ndarray:
+    """(len(rows), len(cols)) overlap of boxes b[rows] with b[cols], b's columns being x1, y1,
+    x2, y2, area; the same float64 arithmetic, in the same order, as facenet's nms."""
+    r, c = b[rows][:, None, :], b[cols][None, :, :]
+    w = np.maximum(0.0, np.minimum(r[..., 2], c[..., 2]) - np.maximum(r[..., 0], c[..., 0]) + 1)
+    h = np.maximum(0.0, np.minimum(r[..., 3], c[..., 3]) - np.maximum(r[..., 1], c[..., 1]) + 1)
+    inter = w * h
+    with np.errstate(divide="ignore", invalid="ignore"):     # empty boxes: NaN, as facenet's
+        if method == "min":
+            return inter / np.minimum(r[..., 4], c[..., 4])
+        return inter / (r[..., 4] + c[..., 4] - inter)
+
+
 def nms(boxes: np.ndarray, threshold: float, method: str = "union") -> np.ndarray:
     """Greedy non-maximum suppression; indices of the kept boxes, highest score first.
 
-    Areas count inclusive pixels, (x2 - x1 + 1) * (y2 - y1 + 1). A box is dropped when its
-    overlap with a kept box exceeds `threshold`; overlap is intersection over union
-    ("union") or over the smaller area ("min"). Ties in score are broken as facenet's
-    np.argsort (the default, unstable kind) breaks them, so the same input gives its order."""
+    Areas count inclusive pixels, (x2 - x1 + 1) * (y2 - y1 + 1). Boxes are taken by score;
+    one is dropped when its overlap with a box kept before it is not <= `threshold` (NaN
+    drops, as in facenet); overlap is intersection over union ("union") or over the smaller
+    area ("min"). Ties in score are broken as facenet's np.argsort (the default, unstable
+    kind) breaks them, so the same input gives its order. Overlaps are computed a block of
+    NMS_BLOCK boxes at a time: against the boxes already kept, then within the block."""
+    if method not in ("union", "min"):
+        raise ValueError(f"method must be 'union' or 'min', not {method!r}")
     if boxes.shape[0] == 0:
         return np.zeros(0, dtype=np.intp)
-    x1, y1, x2, y2, s = (boxes[:, i] for i in range(5))
-    area = (x2 - x1 + 1) * (y2 - y1 + 1)
-    order = np.argsort(s)
-    keep = []
-    while order.size > 0:
-        i = order[-1]
-        keep.append(i)
-        rest = order[:-1]
-        w = np.maximum(0.0, np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]) + 1)
-        h = np.maximum(0.0, np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]) + 1)
-        inter = w * h
-        if method == "min":
-            overlap = inter / np.minimum(area[i], area[rest])
-        elif method == "union":
-            overlap = inter / (area[i] + area[rest] - inter)
-        else:
-            raise ValueError(f"method must be 'union' or 'min', not {method!r}")
-        order = rest[overlap <= threshold]
-    return np.asarray(keep, dtype=np.intp)
+    order = np.argsort(boxes[:, 4])[::-1]
+    x1, y1, x2, y2 = (boxes[order, i] for i in range(4))
+    b = np.column_stack([x1, y1, x2, y2, (x2 - x1 + 1) * (y2 - y1 + 1)])
+    kept = np.zeros(0, dtype=np.intp)                 # positions in `order`
+    for start in range(0, len(order), NMS_BLOCK):
+        block = np.arange(start, min(start + NMS_BLOCK, len(order)))
+        alive = (_overlap(b, kept, block, method) <= threshold).all(axis=0)
+        spares = _overlap(b, block, block, method) <= threshold     # [j, k]: j keeps k
+        for j in range(len(block)):
+            if alive[j]:
+                alive[j + 1:] &= spares[j, j + 1:]
+        kept = np.concatenate([kept, block[alive]])
+    return order[kept]
 
 
 def pnet_regress(boxes: np.ndarray) -> np.ndarray:

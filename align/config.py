@@ -12,10 +12,7 @@ FORMATS = ("png", "jpg")
 @dataclass(frozen=True)
 class DetectParams:
     """minsize: smallest face searched for, pixels of the input image; thresholds: P/R/O-Net
-    face probabilities to pass; factor: scale step between pyramid levels.
-    A minsize under 12 enlarges the image for the first pyramid levels, where TF's area resize
-    and facenet's OpenCV INTER_AREA (bilinear when enlarging) differ by 1 grey level on ~10% of
-    pixels; parity with facenet is measured at the default 20."""
+    face probabilities to pass; factor: scale step between pyramid levels."""
     minsize: float = 20
     thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7)
     factor: float = 0.709

@@ -6,7 +6,8 @@
             -> truncate -> 48x48 crops -> O-Net -> score > t3, landmarks, bbreg, NMS 0.7 Min
 
 Images are HxWx3 uint8 RGB; boxes and landmarks come back in their pixels. The nets run in
-TensorFlow; everything between them is numpy on float64, as in facenet. Each image's result
+TensorFlow; the pyramid levels are OpenCV's INTER_AREA resizes to uint8, the very call facenet
+makes; everything between the nets is numpy on float64, as in facenet. Each image's result
 depends on that image alone (tests check it against detecting it by itself).
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 import threading
 from dataclasses import dataclass, field
 
+import cv2
 import numpy as np
 import tensorflow as tf
 
@@ -69,19 +71,16 @@ class Detector:
         self.nets = nets or build_nets(weights_dir)
         pnet = self.nets.pnet_model
 
-        @tf.function(input_signature=[tf.TensorSpec((None, None, None, 3), tf.uint8),
-                                      tf.TensorSpec((2,), tf.int32)])
-        def pnet_levels(images, size):
-            # facenet's pyramid: INTER_AREA to uint8 (TF's area resize, rounded half up)
-            level = tf.floor(tf.image.resize(images, size, method="area") + 0.5)
-            reg, prob = pnet((level - NORM_MEAN) * NORM_SCALE, training=False)
+        @tf.function(input_signature=[tf.TensorSpec((None, None, None, 3), tf.uint8)])
+        def pnet_levels(levels):
+            reg, prob = pnet((tf.cast(levels, tf.float32) - NORM_MEAN) * NORM_SCALE, training=False)
             return reg, prob[..., 1]
 
         self.pnet_levels = pnet_levels
 
     def warm_up(self) -> None:
         """Trace every function once (on zeros), so the first photos do not pay for it."""
-        self.pnet_levels(np.zeros((1, 24, 24, 3), np.uint8), np.asarray((12, 12), np.int32))
+        self.pnet_levels(np.zeros((1, 12, 12, 3), np.uint8))
         self.nets.rnet(np.zeros((ROW_MULTIPLE, 24, 24, 3), np.float32))
         self.nets.onet(np.zeros((ROW_MULTIPLE, 48, 48, 3), np.float32))
 
@@ -148,10 +147,10 @@ class Detector:
             step = max(1, MAX_LEVEL_PIXELS // (h * w))     # images of one size share every level
             for start in range(0, len(members), step):
                 chunk = members[start:start + step]
-                batch = tf.constant(np.stack([images[i] for i in chunk]))
-                for level, (scale, size) in enumerate(plans[chunk[0]]):
-                    reg, prob = self.pnet_levels(batch, np.asarray(size, np.int32))
-                    reg, prob = reg.numpy(), prob.numpy()
+                for level, (scale, (lh, lw)) in enumerate(plans[chunk[0]]):
+                    levels = np.stack([cv2.resize(images[i], (lw, lh), interpolation=cv2.INTER_AREA)
+                                       for i in chunk])
+                    reg, prob = (t.numpy() for t in self.pnet_levels(levels))
                     for j, i in enumerate(chunk):
                         b = bx.generate_boxes(prob[j], reg[j], scale, t1)
                         per_level[(i, level)] = b[bx.nms(b, 0.5, "union")]
@@ -178,7 +177,9 @@ def _crops(image: np.ndarray, boxes: np.ndarray, size: int) -> np.ndarray | None
     x1, y1 = int(np.clip(right, x0 + 1, w)), int(np.clip(bottom, y0 + 1, h))
     sat = summed_area_table(image[y0:y1, x0:x1])
     crops = area_crops(sat, windows - np.array([x0, y0, x0, y0]), size)
-    return ((crops - NORM_MEAN) * NORM_SCALE).astype(np.float32)
+    crops -= NORM_MEAN
+    crops *= NORM_SCALE
+    return crops.astype(np.float32)
 
 
 def _run_split(net, batches: list[np.ndarray | None]) -> list[tuple | None]:

@@ -7,18 +7,15 @@ the image or not (outside counts as zeros), resample in one vectorised gather.
 """
 from __future__ import annotations
 
+import cv2
 import numpy as np
 
 
 def summed_area_table(image: np.ndarray) -> np.ndarray:
-    """(H + 1, W + 1, C) float64 table: sat[y, x] = sum of image[:y, :x]."""
-    h, w, c = image.shape
-    sat = np.zeros((h + 1, w + 1, c), dtype=np.float64)
-    body = sat[1:, 1:]
-    body[...] = image       # cast first: cumsum casting uint8 on the fly runs at half the speed
-    np.cumsum(body, axis=0, out=body)
-    np.cumsum(body, axis=1, out=body)
-    return sat
+    """(H + 1, W + 1, C) float64 table of an (H, W, C) uint8 image: sat[y, x] = sum of
+    image[:y, :x] (exact: integers)."""
+    sat = cv2.integral(np.ascontiguousarray(image), sdepth=cv2.CV_64F)
+    return sat.reshape(image.shape[0] + 1, image.shape[1] + 1, image.shape[2])
 
 
 def _integral_at(sat: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
@@ -32,12 +29,13 @@ def _integral_at(sat: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
     fy = (ys - iy)[:, :, None, None]
     fx = (xs - ix)[:, None, :, None]
     flat = sat.reshape(-1, sat.shape[2])
+    at = lambda i: np.take(flat, i, axis=0)             # 3x faster than flat[i]
     i00 = (iy * (w + 1))[:, :, None] + ix[:, None, :]   # flat index of sat[iy, ix]
-    top, right = flat[i00], flat[i00 + 1]
+    top, right = at(i00), at(i00 + 1)
     right -= top
     right *= fx
     top += right                                        # interpolated along x on row iy
-    bottom, right = flat[i00 + (w + 1)], flat[i00 + (w + 2)]
+    bottom, right = at(i00 + (w + 1)), at(i00 + (w + 2))
     right -= bottom
     right *= fx
     bottom += right                                     # ... and on row iy + 1
@@ -60,4 +58,5 @@ def area_crops(sat: np.ndarray, windows: np.ndarray, size: int) -> np.ndarray:
     f = _integral_at(sat, ys, xs)
     sums = f[:, 1:, 1:] - f[:, :-1, 1:] - f[:, 1:, :-1] + f[:, :-1, :-1]
     cell = ((bottom - top) * (right - left)).reshape(-1, 1, 1, 1) / (size * size)
-    return sums / cell
+    sums /= cell
+    return sums

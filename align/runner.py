@@ -57,10 +57,13 @@ def _die_with_parent() -> None:
         pass
 
 
-def _configure_tf(threads: int, gpu_memory_fraction: float) -> None:
-    """Threads and GPU memory of this worker's TensorFlow. Where TF has already started in
-    the process (a caller's script re-imported by spawn, say), it keeps what it has."""
+def _configure_threads(threads: int, gpu_memory_fraction: float) -> None:
+    """Threads of this worker's OpenCV and TensorFlow, and TF's GPU memory. Where TF has
+    already started in the process (a caller's script re-imported by spawn, say), it keeps
+    what it has."""
+    import cv2
     import tensorflow as tf
+    cv2.setNumThreads(threads)
     try:
         tf.config.threading.set_intra_op_parallelism_threads(threads)
         tf.config.threading.set_inter_op_parallelism_threads(1)
@@ -103,7 +106,7 @@ def _init_worker(config: Config, input_dir: Path, output_dir: Path, threads: int
     signal.signal(signal.SIGINT, signal.SIG_IGN)    # the parent handles Ctrl-C
     _die_with_parent()
     with _QuietStderr():
-        _configure_tf(threads, config.gpu_memory_fraction)
+        _configure_threads(threads, config.gpu_memory_fraction)
         from align.aligner import Aligner
         _aligner = Aligner(config, input_dir, output_dir)
         _aligner.detector.warm_up()

@@ -1,4 +1,7 @@
 """Box math on small hand-made arrays whose answers were worked out by hand."""
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -90,3 +93,21 @@ def test_area_crops_average_and_zero_fill():
     assert area_crops(sat, np.array([[1, 1, 2, 2]]), 2)[0, ..., 0].tolist() == [[5, 5], [5, 5]]
     assert area_crops(sat, np.array([[0, 0, 3, 1]]), 2)[0, 0, :, 0].tolist() == \
         pytest.approx([(0 + 0.5 * 1) / 1.5, (0.5 * 1 + 2) / 1.5])
+
+
+def test_nms_keeps_what_facenets_nms_keeps():
+    """Against the wheel's own nms (pure numpy) on random boxes with tied scores, empty
+    boxes (0/0 overlaps) and more boxes than one block."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from facenet_reference import load_detect_face
+    facenet_nms = load_detect_face().nms
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 40, 300, 2 * bx.NMS_BLOCK + 7):
+        corner = rng.integers(0, 200, size=(n, 2)).astype(float)
+        size = rng.integers(-1, 60, size=(n, 2)).astype(float)     # -1: empty box
+        scores = rng.choice(np.linspace(0.6, 1, 9), n)              # many ties
+        boxes = np.column_stack([corner, corner + size, scores])
+        for threshold, method in ((0.5, "union"), (0.7, "union"), (0.7, "min")):
+            with np.errstate(divide="ignore", invalid="ignore"):
+                expected = facenet_nms(boxes, threshold, "Min" if method == "min" else "Union")
+            assert bx.nms(boxes, threshold, method).tolist() == expected.tolist(), (n, method)
