@@ -27,7 +27,7 @@ from facenet_nets.nets import Nets, build_nets
 
 NORM_MEAN, NORM_SCALE = 127.5, 0.0078125
 MAX_LEVEL_PIXELS = 8_000_000     # source pixels of the photos sharing one P-Net call
-MAX_CROPS = 256                  # candidates per R-Net / O-Net call (R-Net runs 20% slower at 2048)
+MAX_CROPS = 128                  # candidates per R-Net / O-Net call (both slow down past 256)
 # R-Net and O-Net calls are padded to a multiple of this many rows: with fewer than 4 rows
 # oneDNN takes another GEMM path whose float rounding differs, which would make an image's
 # boxes depend on how many candidates its batch happened to hold.

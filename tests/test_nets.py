@@ -42,3 +42,32 @@ def test_probabilities_sum_to_one(net_outputs):
     ours, _, _ = net_outputs
     for name in ("p1", "r1", "o2"):
         np.testing.assert_allclose(ours[name].sum(axis=-1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("pool", [None, (2, "same"), (3, "same"), (3, "valid")])
+def test_prelu_layer_is_bitwise_keras_prelu_then_pool(pool):
+    from keras import layers
+    from facenet_nets.nets import PReLU
+    alpha = np.array([-1.3, -0.2, 0.0, 0.5, 1.0, 1.2, 3.0, 0.9], np.float32)   # < 0, <= 1, > 1
+    x = np.random.default_rng(1).normal(size=(2, 13, 11, 8)).astype(np.float32)
+    x[0, :3] = 0.0
+    keras_prelu = layers.PReLU(shared_axes=[1, 2])
+    keras_prelu.build(x.shape)
+    keras_prelu.set_weights([alpha.reshape(1, 1, 8)])
+    expected = keras_prelu(x)
+    if pool:
+        expected = layers.MaxPooling2D(pool[0], strides=2, padding=pool[1])(expected)
+    ours = PReLU(pool)
+    ours.build(x.shape)
+    ours.set_alpha(alpha)
+    assert ours.above_one
+    assert np.array_equal(ours(x).numpy(), expected.numpy())
+    if pool is None:     # and on a dense layer's (N, C) output
+        flat = x.reshape(-1, 8)
+        keras_prelu = layers.PReLU()
+        keras_prelu.build(flat.shape)
+        keras_prelu.set_weights([alpha])
+        ours = PReLU()
+        ours.build(flat.shape)
+        ours.set_alpha(alpha)
+        assert np.array_equal(ours(flat).numpy(), keras_prelu(flat).numpy())
