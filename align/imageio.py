@@ -15,6 +15,7 @@ import os
 import stat
 from typing import BinaryIO, Union
 
+import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -27,6 +28,8 @@ MAX_PIXELS: int = 60_000_000
 """Images with more pixels (width x height, from the header) are refused before decoding."""
 
 JPEG_QUALITY = 95
+PNG_PARAMS = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_PAETH,
+              cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE]
 
 PathArg = Union[str, bytes, os.PathLike]
 
@@ -180,15 +183,17 @@ def encode_image(array: np.ndarray, fmt: str) -> bytes:
     process (for a given Pillow, zlib and libjpeg)."""
     if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
         raise ValueError(f"expected an HxWx3 uint8 array, got {array.shape} {array.dtype}")
-    im = Image.fromarray(np.ascontiguousarray(array))
-    buffer = io.BytesIO()
     kind = fmt.lower()
     if kind == "png":
-        # level 1: a quarter of the default level 6's encoding time (2.5 vs 9.9 ms for a
-        # 160x160 face) for files 11% larger; the pixels are the same
-        im.save(buffer, format="PNG", compress_level=1)
-    elif kind in ("jpg", "jpeg"):
-        im.save(buffer, format="JPEG", quality=JPEG_QUALITY)
-    else:
-        raise ValueError(f"unknown thumbnail format {fmt!r}: expected 'png' or 'jpg'")
-    return buffer.getvalue()
+        # OpenCV's libpng at zlib level 1, Paeth filter, RLE matching: 1.6 ms for a 160x160
+        # face, files of 45 KiB; Pillow at level 1 took 3.2 ms for 47 KiB (it tries every
+        # filter on every row), at its default level 6 about 10 ms
+        ok, png = cv2.imencode(".png", np.ascontiguousarray(array[:, :, ::-1]), PNG_PARAMS)
+        if not ok:
+            raise ValueError("OpenCV could not encode the thumbnail as PNG")
+        return png.tobytes()
+    if kind in ("jpg", "jpeg"):
+        buffer = io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(array)).save(buffer, format="JPEG", quality=JPEG_QUALITY)
+        return buffer.getvalue()
+    raise ValueError(f"unknown thumbnail format {fmt!r}: expected 'png' or 'jpg'")
