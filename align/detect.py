@@ -73,8 +73,7 @@ class Detector:
 
         @tf.function(input_signature=[tf.TensorSpec((None, None, None, 3), tf.uint8)])
         def pnet_levels(levels):
-            reg, prob = pnet((tf.cast(levels, tf.float32) - NORM_MEAN) * NORM_SCALE, training=False)
-            return reg, prob[..., 1]
+            return pnet((tf.cast(levels, tf.float32) - NORM_MEAN) * NORM_SCALE, training=False)
 
         self.pnet_levels = pnet_levels
 

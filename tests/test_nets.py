@@ -20,7 +20,9 @@ def net_outputs(weights, tmp_path_factory):
     ours["p0"], ours["p1"] = (t.numpy() for t in nets.pnet(x["p"]))
     ours["r0"], ours["r1"] = (t.numpy() for t in nets.rnet(x["r"]))
     ours["o0"], ours["o1"], ours["o2"] = (t.numpy() for t in nets.onet(x["o"]))
-    return ours, dict(np.load(d / "out.npz")), nets
+    ref = dict(np.load(d / "out.npz"))
+    ref["p1"] = ref["p1"][..., 1]         # our P-Net gives the face channel only
+    return ours, ref, nets
 
 
 @pytest.mark.parametrize("name", ["p0", "p1", "r0", "r1", "o0", "o1", "o2"])
@@ -40,8 +42,9 @@ def test_pnet_traces_once_for_every_size(net_outputs):
 
 def test_probabilities_sum_to_one(net_outputs):
     ours, _, _ = net_outputs
-    for name in ("p1", "r1", "o2"):
+    for name in ("r1", "o2"):
         np.testing.assert_allclose(ours[name].sum(axis=-1), 1.0, atol=1e-5)
+    assert 0 <= ours["p1"].min() and ours["p1"].max() <= 1
 
 
 @pytest.mark.parametrize("pool", [None, (2, "same"), (3, "same"), (3, "valid")])
@@ -71,3 +74,15 @@ def test_prelu_layer_is_bitwise_keras_prelu_then_pool(pool):
         ours.build(flat.shape)
         ours.set_alpha(alpha)
         assert np.array_equal(ours(flat).numpy(), keras_prelu(flat).numpy())
+
+
+def test_face_probability_is_softmax_face_channel():
+    import tensorflow as tf
+    from facenet_nets.nets import FaceProbability
+    logits = np.random.default_rng(2).normal(scale=8, size=(3, 40, 30, 2)).astype(np.float32)
+    logits[0, 0] = [100, -100]
+    logits[0, 1] = [-100, 100]
+    expected = tf.nn.softmax(logits)[..., 1].numpy()
+    got = FaceProbability()(logits).numpy()
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, atol=3e-7, rtol=0)
