@@ -16,6 +16,7 @@ import importlib.util
 import json
 import sys
 import types
+import warnings
 
 import numpy as np
 import tensorflow.compat.v1 as tf
@@ -31,7 +32,10 @@ def load_detect_face() -> types.ModuleType:
     assert shimmed != src, "facenet's detect_face.py no longer imports tensorflow as expected"
     module = types.ModuleType("facenet_detect_face")
     module.__file__ = path
-    exec(compile(shimmed, path, "exec"), module.__dict__)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SyntaxWarning)     # its nms: `method is 'Min'`
+        code = compile(shimmed, path, "exec")
+    exec(code, module.__dict__)
     return module
 
 
