@@ -97,7 +97,7 @@ def nms(boxes: np.ndarray, threshold: float, method: str = "union") -> np.ndarra
     for start in range(0, len(order), NMS_BLOCK):
         block = np.arange(start, min(start + NMS_BLOCK, len(order)))
         alive = (_overlap(b, kept, block, method) <= threshold).all(axis=0)
-        spares = _overlap(b, block, block, method) <= threshold     # [j, k]: j keeps k
+        spares = _overlap(b, block, block, method) <= threshold     # [j, k]: j lets k stay
         for j in range(len(block)):
             if alive[j]:
                 alive[j + 1:] &= spares[j, j + 1:]

@@ -180,7 +180,7 @@ def _to_rgb(im: Image.Image) -> np.ndarray:
 def encode_image(array: np.ndarray, fmt: str) -> bytes:
     """array (HxWx3 uint8 RGB) encoded as fmt: 'png' (zlib level 1) or 'jpg'/'jpeg'
     (quality 95), with no metadata. The same array gives the same bytes every time, in every
-    process (for a given Pillow, zlib and libjpeg)."""
+    process (for a given OpenCV and libpng, or Pillow and libjpeg)."""
     if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
         raise ValueError(f"expected an HxWx3 uint8 array, got {array.shape} {array.dtype}")
     kind = fmt.lower()

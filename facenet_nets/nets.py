@@ -56,7 +56,7 @@ class PReLU(layers.Layer):
     @staticmethod
     def _scaled(x, per_channel):
         """x * per_channel over the last axis; a 4-D map is viewed as (N*H, W*C) rows first,
-        which TF's CPU kernels broadcast several times faster than a trailing axis of C."""
+        which TF's CPU kernels broadcast faster than a trailing axis of C (~15% on P-Net)."""
         if len(x.shape) != 4:
             return x * per_channel
         n, h, w = tf.shape(x)[0], tf.shape(x)[1], tf.shape(x)[2]
