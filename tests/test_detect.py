@@ -14,8 +14,10 @@ def test_same_faces_as_facenet(detector, sample_images, reference_faces, name):
     ours = detector.detect(sample_images[name])
     ref = reference_faces[name]
     assert len(ours) == len(ref["boxes"]) > 0
-    np.testing.assert_allclose(ours.boxes, ref["boxes"][:, :4], atol=0.5, rtol=0)
-    np.testing.assert_allclose(ours.landmarks, ref["landmarks"], atol=0.5, rtol=0)
+    # measured within 6e-5 px (the pyramid is OpenCV's, as facenet's); 0.01 px leaves room
+    # for other CPUs' float rounding in the nets
+    np.testing.assert_allclose(ours.boxes, ref["boxes"][:, :4], atol=0.01, rtol=0)
+    np.testing.assert_allclose(ours.landmarks, ref["landmarks"], atol=0.01, rtol=0)
     np.testing.assert_allclose(ours.scores, ref["boxes"][:, 4], atol=1e-3, rtol=0)
 
 
