@@ -17,7 +17,7 @@ from align.crop import choose_faces, crop_box, thumbnail
 from align.dataset import Shard, Task
 from align.detect import Detector, Faces
 from align.imageio import NotAnImage, UnreadableImage, decode_image, encode_image
-from align.records import Journal
+from align.records import Journal, needs_work
 from facenet_nets.wheelfile import fsync_dir, write_atomic
 
 BATCH = 16                      # images per detect_batch call, at most
@@ -68,7 +68,7 @@ class Aligner:
         legacy_outputs: the output folder predates our journals, so an image whose thumbnail
         exists is skipped, as facenet skipped it."""
         done = journal.load()
-        todo = [t for t in shard.tasks if t.rel not in done or done[t.rel]["status"] == "error"]
+        todo = [t for t in shard.tasks if needs_work(done.get(t.rel))]
         if legacy_outputs:
             multiple = self.config.detect_multiple_faces
             skipped = [self._record(t, "skipped_existing", None, None) for t in todo

@@ -68,9 +68,9 @@ class Config:
     random_order: bool = False
     gpu_memory_fraction: float = 1.0
     workers: int = field(default_factory=default_workers)
-    min_face_size: float = 20
-    thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7)
-    factor: float = 0.709
+    min_face_size: float = DetectParams.minsize
+    thresholds: tuple[float, float, float] = DetectParams.thresholds
+    factor: float = DetectParams.factor
     format: str = "png"
     overwrite: bool = False
     quiet: bool = False

@@ -147,8 +147,9 @@ class Detector:
             for start in range(0, len(members), step):
                 chunk = members[start:start + step]
                 for level, (scale, (lh, lw)) in enumerate(plans[chunk[0]]):
-                    levels = np.stack([cv2.resize(images[i], (lw, lh), interpolation=cv2.INTER_AREA)
-                                       for i in chunk])
+                    levels = np.empty((len(chunk), lh, lw, 3), np.uint8)
+                    for j, i in enumerate(chunk):
+                        cv2.resize(images[i], (lw, lh), dst=levels[j], interpolation=cv2.INTER_AREA)
                     reg, prob = (t.numpy() for t in self.pnet_levels(levels))
                     for j, i in enumerate(chunk):
                         b = bx.generate_boxes(prob[j], reg[j], scale, t1)
@@ -187,10 +188,9 @@ def _run_split(net, batches: list[np.ndarray | None]) -> list[tuple | None]:
     parts = [b for b in batches if b is not None]
     if not parts:
         return [None] * len(batches)
-    x = np.concatenate(parts)
-    pad = -len(x) % ROW_MULTIPLE
-    if pad:
-        x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
+    rows = sum(len(p) for p in parts)
+    x = np.zeros((rows + -rows % ROW_MULTIPLE,) + parts[0].shape[1:], parts[0].dtype)
+    np.concatenate(parts, out=x[:rows])
     chunks = [[o.numpy() for o in net(x[s:s + MAX_CROPS])] for s in range(0, len(x), MAX_CROPS)]
     outs = [np.concatenate(o) for o in zip(*chunks)]
     result, start = [], 0

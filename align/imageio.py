@@ -2,7 +2,7 @@
 
 `decode_image` turns any photo PIL can read into an HxWx3 uint8 RGB array, or raises
 `UnreadableImage` with a one-line reason; `sniff` names the format found in a file's content;
-`encode_image` and `write_atomic` write thumbnails reproducibly and atomically.
+`encode_image` encodes thumbnails reproducibly (facenet_nets.wheelfile.write_atomic writes them).
 
 Nothing here changes PIL's global settings (Image.MAX_IMAGE_PIXELS,
 ImageFile.LOAD_TRUNCATED_IMAGES, warning filters): the pixel limit is checked per call on the
@@ -19,10 +19,8 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from facenet_nets.wheelfile import write_atomic  # re-exported: thumbnails are written with it
 
-__all__ = ["MAX_PIXELS", "UnreadableImage", "NotAnImage", "sniff", "decode_image", "encode_image",
-           "write_atomic"]
+__all__ = ["MAX_PIXELS", "UnreadableImage", "NotAnImage", "sniff", "decode_image", "encode_image"]
 
 MAX_PIXELS: int = 60_000_000
 """Images with more pixels (width x height, from the header) are refused before decoding."""

@@ -25,6 +25,11 @@ STATE = ".align_dataset"
 STATUSES = ("aligned", "no_face", "unreadable", "not_an_image", "skipped_existing", "error")
 
 
+def needs_work(record: dict | None) -> bool:
+    """Whether an input with this record (None: none yet) is to be aligned by this run."""
+    return record is None or record["status"] == "error"
+
+
 def dumps(record: dict) -> str:
     return json.dumps(record, separators=(", ", ": "))
 

@@ -23,8 +23,9 @@ from pathlib import Path
 
 from align.config import Config, usable_cores
 from align.dataset import Shard, walk
-from align.records import StateDir, count, write_results
+from align.records import StateDir, count, needs_work, write_results
 from facenet_nets.weights import verify_weights
+from facenet_nets.wheelfile import TEMP_PREFIX, TEMP_SUFFIX
 
 # options whose change changes the output: a resumed run must use the same ones
 OUTPUT_OPTIONS = ("image_size", "margin", "detect_multiple_faces", "min_face_size",
@@ -137,7 +138,7 @@ def _check_dirs(input_dir: Path, output_dir: Path) -> None:
 def _remove_stale_temporaries(output_dir: Path) -> None:
     """Temporary files of writes that a killed run left half-done (never renamed into place)."""
     for folder in [output_dir, *(p for p in output_dir.iterdir() if p.is_dir())]:
-        for tmp in folder.glob(".*.tmp"):
+        for tmp in folder.glob(f"{TEMP_PREFIX}*{TEMP_SUFFIX}"):
             tmp.unlink(missing_ok=True)
 
 
@@ -237,7 +238,7 @@ def _run(config, input_dir, output_dir, output_arg, state, found_outputs, t0) ->
     for identity in {t.out_base.split("/")[0] for s in job.shards for t in s.tasks}:
         (output_dir / identity).mkdir(exist_ok=True)
     records = state.load_all()
-    pending = lambda t: t.rel not in records or records[t.rel]["status"] == "error"
+    pending = lambda t: needs_work(records.get(t.rel))
     todo = [s for s in job.shards if any(pending(t) for t in s.tasks)]
     if config.random_order:
         random.shuffle(todo)

@@ -49,13 +49,16 @@ def fetch_members(requirement: str, members: dict[str, tuple[str, Path]]) -> Non
                 write_atomic(Path(dest), data)
 
 
+TEMP_PREFIX, TEMP_SUFFIX = ".tmp-", ".tmp"     # write_atomic's temporary names
+
+
 def write_atomic(dest: str | bytes | os.PathLike, data: bytes) -> None:
     """Write `data` to `dest` through a temporary file in the same folder (`.tmp-*.tmp`, short
     whatever the length of `dest`'s name) and a rename. On failure `dest` is untouched.
     Creates missing parent folders."""
     dest = Path(os.fsdecode(dest))
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX)
     try:
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), 0o644)    # mkstemp makes 0600; outputs are for everyone to read
