@@ -80,7 +80,7 @@ def _opt(*names, **kw):
               help="Write every face (<stem>_<i>), not only the central, largest one. "
                    "facenet's '--detect_multiple_faces True|False' works too.")
 @_opt("--random_order", is_flag=True, default=DEFAULTS.random_order,
-      help="Process identities in random order (the output is the same).")
+      help="Process the images in random order (the output is the same).")
 @_opt("--gpu_memory_fraction", type=click.FloatRange(0, 1, min_open=True), default=DEFAULTS.gpu_memory_fraction,
       help="Upper bound on the GPU memory each worker may use.")
 @_opt("--workers", type=click.IntRange(min=1), default=DEFAULTS.workers,

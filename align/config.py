@@ -56,8 +56,7 @@ class Config:
     """image_size: side of the written thumbnails, pixels; margin: pixels of the input image
     added around the detected box in total (half on each side) before cropping;
     detect_multiple_faces: write every face, not only the central, largest one;
-    random_order: process the shards (runs of one identity's images) in random order; the
-    output is the same;
+    random_order: process the images in random order; the output is the same;
     gpu_memory_fraction: upper bound of GPU memory per worker process, when a GPU is used;
     workers: processes; min_face_size, thresholds, factor: the detector's (see DetectParams);
     format: of the thumbnails; overwrite: redo everything instead of resuming;

@@ -1,4 +1,4 @@
-"""Walk INPUT_DIR into image tasks and cut them into shards.
+"""Walk INPUT_DIR into image tasks, and cut the tasks a run has left to do into shards.
 
 Identities are the sub-folders of INPUT_DIR, sorted; every file in one is a task (whether it
 holds an image is found out by the worker, from its content). Anything else at the top of
@@ -14,7 +14,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-SHARD_SIZE = 32     # images of one identity per shard: small enough to balance the workers' last shards
+SHARD_SIZE = 32     # images per shard, at most: a worker's journal and detection batches are per shard
+MIN_SHARD = 8       # ... and at least (but the last): shards shrink toward the end of a run
 
 
 @dataclass(frozen=True)
@@ -27,16 +28,15 @@ class Task:
 
 @dataclass(frozen=True)
 class Shard:
-    """A run of tasks of one identity; `key` names its journal, stable across runs."""
+    """A run of consecutive tasks (of one identity or several); `key` names its journal."""
     key: str
     tasks: tuple[Task, ...]
 
 
 @dataclass(frozen=True)
 class Walk:
-    shards: list[Shard]
+    tasks: list[Task]         # identities sorted by name, then their files by name
     skipped: list[str]        # top-level entries of INPUT_DIR that are not identity folders
-    n_tasks: int
 
 
 def output_stems(names: list[str]) -> dict[str, str]:
@@ -60,7 +60,7 @@ def _is_dir(entry: os.DirEntry) -> bool:
 
 
 def walk(input_dir: Path) -> Walk:
-    shards, skipped, n = [], [], 0
+    tasks, skipped = [], []
     for entry in sorted(os.scandir(input_dir), key=lambda e: e.name):
         if not _is_dir(entry):
             skipped.append(entry.name)
@@ -71,9 +71,21 @@ def walk(input_dir: Path) -> Walk:
             skipped.append(entry.name)
             continue
         stems = output_stems(names)
-        tasks = [Task(f"{entry.name}/{name}", f"{entry.name}/{stems[name]}") for name in names]
-        digest = hashlib.sha1(os.fsencode(entry.name)).hexdigest()[:16]
-        for k in range(0, len(tasks), SHARD_SIZE):
-            shards.append(Shard(f"{digest}-{k // SHARD_SIZE:05d}", tuple(tasks[k:k + SHARD_SIZE])))
-        n += len(tasks)
-    return Walk(shards, skipped, n)
+        tasks += [Task(f"{entry.name}/{name}", f"{entry.name}/{stems[name]}") for name in names]
+    return Walk(tasks, skipped)
+
+
+def cut_shards(tasks: list[Task], workers: int) -> list[Shard]:
+    """`tasks` in runs of SHARD_SIZE, shrinking (guided scheduling) once fewer than
+    2 x SHARD_SIZE are left per worker, to MIN_SHARD: the workers run out of shards together,
+    and runs of one-photo identities (most of LFW) still share detection batches and journals.
+    Keys are unique within the cut; a later run may cut its tasks otherwise (the journals are
+    read all together, so where a record lies does not matter)."""
+    shards, i = [], 0
+    while i < len(tasks):
+        size = max(MIN_SHARD, min(SHARD_SIZE, -(-(len(tasks) - i) // (2 * workers))))
+        part = tuple(tasks[i:i + size])
+        key = hashlib.sha1(os.fsencode(f"{part[0].rel}\0{part[-1].rel}")).hexdigest()[:20]
+        shards.append(Shard(key, part))
+        i += size
+    return shards

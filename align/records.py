@@ -97,9 +97,14 @@ class StateDir:
         return Journal(self.journals / f"{shard_key}.jsonl")
 
     def load_all(self) -> dict[str, dict]:
+        """{input path: record} over every journal. An input can have records in two
+        journals when runs cut their shards differently: an "error" in one and the retry's
+        outcome in another. The one that needs no more work wins."""
         records = {}
         for path in sorted(self.journals.glob("*.jsonl")):
-            records.update(Journal(path).load())
+            for rel, record in Journal(path).load().items():
+                if needs_work(records.get(rel)):
+                    records[rel] = record
         return records
 
     def options(self) -> dict | None:

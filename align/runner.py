@@ -22,7 +22,7 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 from align.config import Config, usable_cores
-from align.dataset import Shard, walk
+from align.dataset import Shard, cut_shards, walk
 from align.records import StateDir, count, needs_work, write_results
 from facenet_nets.weights import verify_weights
 from facenet_nets.wheelfile import TEMP_PREFIX, TEMP_SUFFIX
@@ -235,15 +235,15 @@ def _run(config, input_dir, output_dir, output_arg, state, found_outputs, t0) ->
     _remove_stale_temporaries(output_dir)
 
     job = walk(input_dir)
-    for identity in {t.out_base.split("/")[0] for s in job.shards for t in s.tasks}:
+    for identity in {t.out_base.split("/")[0] for t in job.tasks}:
         (output_dir / identity).mkdir(exist_ok=True)
     records = state.load_all()
-    pending = lambda t: needs_work(records.get(t.rel))
-    todo = [s for s in job.shards if any(pending(t) for t in s.tasks)]
+    pending = [t for t in job.tasks if needs_work(records.get(t.rel))]
     if config.random_order:
-        random.shuffle(todo)
-    done_before = job.n_tasks - sum(1 for s in todo for t in s.tasks if pending(t))
-    progress = _Progress(job.n_tasks, done_before, config.quiet)
+        random.shuffle(pending)
+    todo = cut_shards(pending, config.workers)
+    done_before = len(job.tasks) - len(pending)
+    progress = _Progress(len(job.tasks), done_before, config.quiet)
     ready: list[float] = []
     t_work = time.perf_counter()
     try:
@@ -253,21 +253,21 @@ def _run(config, input_dir, output_dir, output_arg, state, found_outputs, t0) ->
         progress.close()
     t_end = time.perf_counter()
 
-    ordered = [records[t.rel] for s in job.shards for t in s.tasks]
+    ordered = [records[t.rel] for t in job.tasks]
     counts = count(ordered)
     processing_s = t_end - (max(ready) if ready else t_work)
     summary = {
-        "input_dir": str(input_dir), "output_dir": output_arg, "images": job.n_tasks,
+        "input_dir": str(input_dir), "output_dir": output_arg, "images": len(job.tasks),
         "aligned": counts["aligned"], "no_face": counts["no_face"],
         "unreadable": counts["unreadable"], "errors": counts["error"],
         "skipped": counts["not_an_image"] + counts["skipped_existing"] + len(job.skipped),
         "faces_written": counts["faces_written"],
         "not_an_image": counts["not_an_image"], "skipped_existing": counts["skipped_existing"],
         "skipped_entries": job.skipped,
-        "processed_this_run": job.n_tasks - done_before,
+        "processed_this_run": len(pending),
         "workers": workers,
         "wall_s": round(t_end - t0, 3), "processing_s": round(processing_s, 3),
-        "images_per_s": round((job.n_tasks - done_before) / processing_s, 2) if processing_s > 0 else None,
+        "images_per_s": round(len(pending) / processing_s, 2) if processing_s > 0 else None,
         "peak_rss_mb": round(_peak_rss_mb(), 1),
     }
     write_results(output_dir, output_arg, ordered, summary)

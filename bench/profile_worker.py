@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import align.aligner as aligner  # noqa: E402
 import align.detect as detect  # noqa: E402
 from align.config import Config  # noqa: E402
-from align.dataset import walk  # noqa: E402
+from align.dataset import cut_shards, walk  # noqa: E402
 from align.records import StateDir  # noqa: E402
 
 SPENT: dict[str, float] = defaultdict(float)
@@ -43,15 +43,15 @@ def timed(owner, name: str, label: str, clock=time.perf_counter) -> None:
 
 def main(data: Path, max_photos: int) -> None:
     job = walk(data)
+    shards = cut_shards(job.tasks, 1)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
-        for shard in job.shards:
-            for task in shard.tasks:
-                (out / task.out_base.split("/")[0]).mkdir(exist_ok=True)
+        for task in job.tasks:
+            (out / task.out_base.split("/")[0]).mkdir(exist_ok=True)
         state = StateDir(out)
         state.journals.mkdir(parents=True)
         worker = aligner.Aligner(Config(image_size=160), data, out)
-        worker.run_shard(job.shards[0], state.journal("warm-up"))
+        worker.run_shard(shards[0], state.journal("warm-up"))
         timed(detect.Detector, "_stage1", "P-Net stage (pyramid, P-Net, NMS)")
         timed(detect, "_crops", "24/48 crops (summed-area table, gathers)")
         timed(detect, "_run_split", "R-Net + O-Net")
@@ -59,7 +59,7 @@ def main(data: Path, max_photos: int) -> None:
         timed(aligner, "_read", "decode (reader thread, CPU)", time.thread_time)
         timed(aligner.Aligner, "_write", "crop, resize, PNG, journal (writer thread, CPU)", time.thread_time)
         n, t0 = 0, time.perf_counter()
-        for shard in job.shards[1:]:
+        for shard in shards[1:]:
             if n >= max_photos:
                 break
             worker.run_shard(shard, state.journal(shard.key))
