@@ -18,9 +18,11 @@ the detector is timed (facenet: detect_face per photo; ours: Detector.detect_bat
 of 64 photos after a one-photo warm-up, `bench.py --detect-only-ours`).
 
 What is timed: photos/s counts only the work on the photos. Process start, imports and model
-loading are excluded (facenet: the clock starts after its session and nets exist; ours:
-processing_s starts once every worker has its nets). The whole run's wall time (start of
-the process to the last photo, model loading included) is printed too.
+loading are excluded (facenet: the clock starts after its session and nets exist and stops
+at its last photo; ours: processing_s starts once every worker has its nets and stops when
+the last shard's records are in). The whole run's wall time, model loading included, is
+printed too (facenet: process start to its last photo; ours: the align_dataset call, its
+workers' start and exit included, and beside it the process's wall time).
 
 Each measurement runs --rounds times (default 3) in fresh processes, the order alternating
 between rounds (facenet first in odd rounds, ours first in even ones), and the best round
