@@ -1,4 +1,4 @@
-"""MTCNN box math, pure numpy, faithful to facenet's detect_face.py.
+"""MTCNN box math in numpy (NMS's greedy loop also in C), faithful to facenet's detect_face.
 
 Boxes are float64 rows [x1, y1, x2, y2, score, ...] in pixels of the input image. facenet's
 code (after the MATLAB original) treats x1..x2 as inclusive 1-based pixel indices in `pad`
@@ -8,6 +8,8 @@ below says which convention it follows.
 from __future__ import annotations
 
 import numpy as np
+
+from align import native
 
 STRIDE = 2      # P-Net output cell step, in pixels of the pyramid level
 CELL = 12       # P-Net receptive field, in pixels of the pyramid level
@@ -84,8 +86,8 @@ def nms(boxes: np.ndarray, threshold: float, method: str = "union") -> np.ndarra
     one is dropped when its overlap with a box kept before it is not <= `threshold` (NaN
     drops, as in facenet); overlap is intersection over union ("union") or over the smaller
     area ("min"). Ties in score are broken as facenet's np.argsort (the default, unstable
-    kind) breaks them, so the same input gives its order. Overlaps are computed a block of
-    NMS_BLOCK boxes at a time: against the boxes already kept, then within the block."""
+    kind) breaks them, so the same input gives its order. The greedy loop runs in C
+    (native.nms_kept) where the extension is built, else in numpy (nms_kept)."""
     if method not in ("union", "min"):
         raise ValueError(f"method must be 'union' or 'min', not {method!r}")
     if boxes.shape[0] == 0:
@@ -93,16 +95,24 @@ def nms(boxes: np.ndarray, threshold: float, method: str = "union") -> np.ndarra
     order = np.argsort(boxes[:, 4])[::-1]
     x1, y1, x2, y2 = (boxes[order, i] for i in range(4))
     b = np.column_stack([x1, y1, x2, y2, (x2 - x1 + 1) * (y2 - y1 + 1)])
-    kept = np.zeros(0, dtype=np.intp)                 # positions in `order`
-    for start in range(0, len(order), NMS_BLOCK):
-        block = np.arange(start, min(start + NMS_BLOCK, len(order)))
+    kept = native.nms_kept(b, threshold, method) if native.LIB else nms_kept(b, threshold, method)
+    return order[kept]
+
+
+def nms_kept(b: np.ndarray, threshold: float, method: str) -> np.ndarray:
+    """The greedy loop of `nms` over b (rows x1, y1, x2, y2, area, in the order it takes
+    them): positions of the rows kept. Overlaps are computed NMS_BLOCK boxes at a time:
+    against the boxes already kept, then within the block. native.nms_kept is its C twin."""
+    kept = np.zeros(0, dtype=np.intp)
+    for start in range(0, len(b), NMS_BLOCK):
+        block = np.arange(start, min(start + NMS_BLOCK, len(b)))
         alive = (_overlap(b, kept, block, method) <= threshold).all(axis=0)
         spares = _overlap(b, block, block, method) <= threshold     # [j, k]: j lets k stay
         for j in range(len(block)):
             if alive[j]:
                 alive[j + 1:] &= spares[j, j + 1:]
         kept = np.concatenate([kept, block[alive]])
-    return order[kept]
+    return kept
 
 
 def pnet_regress(boxes: np.ndarray) -> np.ndarray:
