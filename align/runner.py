@@ -32,6 +32,7 @@ from facenet_nets.wheelfile import TEMP_PREFIX, TEMP_SUFFIX
 OUTPUT_OPTIONS = ("image_size", "margin", "detect_multiple_faces", "min_face_size",
                   "thresholds", "factor", "format")
 LOG_EVERY_S = 10.0
+START_WAIT_S = 300.0    # how long a ready worker waits for the others before it starts anyway
 
 
 class JobError(Exception):
@@ -104,7 +105,8 @@ class _QuietStderr:
         os.close(self.saved)
 
 
-def _init_worker(config: Config, input_dir: Path, output_dir: Path, threads: int, events) -> None:
+def _init_worker(config: Config, input_dir: Path, output_dir: Path, threads: int, events,
+                 start) -> None:
     global _aligner, _events
     signal.signal(signal.SIGINT, signal.SIG_IGN)    # the parent handles Ctrl-C
     _die_with_parent()
@@ -116,6 +118,9 @@ def _init_worker(config: Config, input_dir: Path, output_dir: Path, threads: int
     _events = events
     events.put(("ready", 0, 0, 0))
     atexit.register(_exit_without_teardown)
+    # every worker starts on the photos at once, when the last has its nets: then the run's
+    # photos/s (timed from that moment) counts no photo done before it
+    start.wait(START_WAIT_S)
 
 
 def _exit_without_teardown() -> None:
@@ -185,9 +190,11 @@ class _Progress:
             self.bar.close()
 
 
-def _pump(events, progress: _Progress, ready: list, stop: threading.Event) -> None:
+def _pump(events, progress: _Progress, ready: list, workers: int, start,
+          stop: threading.Event) -> None:
     """Workers' events into the progress until `stop` is set and the queue is empty. `stop`
-    is set once every worker has exited, and an exiting worker flushes its events first."""
+    is set once every worker has exited, and an exiting worker flushes its events first.
+    Sets `start` once all `workers` are ready."""
     while True:
         try:
             kind, n, faces, failed = events.get(timeout=0.2)
@@ -197,6 +204,8 @@ def _pump(events, progress: _Progress, ready: list, stop: threading.Event) -> No
             continue
         if kind == "ready":
             ready.append(time.perf_counter())
+            if len(ready) == workers:
+                start.set()
         else:
             progress.update(n, faces, failed)
 
@@ -267,7 +276,7 @@ def _run(config, input_dir, output_dir, output_arg, state, found_outputs, t0) ->
 
     ordered = [records[t.rel] for t in job.tasks]
     counts = count(ordered)
-    # from every worker holding its nets to the last shard's records (not the workers' exit)
+    # from every worker holding its nets (they start together) to the last shard's records
     processing_s = (t_done or t_end) - (max(ready) if ready else t_work)
     summary = {
         "input_dir": str(input_dir), "output_dir": output_arg, "images": len(job.tasks),
@@ -314,11 +323,12 @@ def _run_pool(config, input_dir, output_dir, todo, legacy_outputs, progress, rea
     events = ctx.Queue()
     workers = min(config.workers, len(todo))
     threads = max(1, usable_cores() // workers)     # TF threads per worker
-    stop = threading.Event()
-    pump = threading.Thread(target=_pump, args=(events, progress, ready, stop), daemon=True)
+    start, stop = ctx.Event(), threading.Event()
+    pump = threading.Thread(target=_pump, args=(events, progress, ready, workers, start, stop),
+                            daemon=True)
     pump.start()
     pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                               initargs=(config, input_dir, output_dir, threads, events))
+                               initargs=(config, input_dir, output_dir, threads, events, start))
     previous_term = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         with _worker_malloc_env():          # submit starts the workers (spawn: one each, on demand)
@@ -340,6 +350,7 @@ def _run_pool(config, input_dir, output_dir, todo, legacy_outputs, progress, rea
                        "is kept; rerun the same command to resume, with fewer --workers if "
                        "memory ran out") from None
     finally:
+        start.set()                         # a worker that died starting must not hold the rest
         signal.signal(signal.SIGTERM, previous_term)
         pool.shutdown(wait=True, cancel_futures=True)
         stop.set()
