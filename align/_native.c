@@ -2,7 +2,7 @@
 
    Each function does the float64 operations of its numpy twin in the same order, and is
    compiled without FMA contraction (setup.py), so that both give bitwise the same results:
-   area_crops  = align/resample.py area_crops, then (v - mean) * scale, to float32;
+   area_crops  = align/resample.py normalised_crops;
    nms_kept    = the greedy loop of align/boxes.py nms (its _overlap arithmetic).
    No Python API: the only Python symbol is the module init that the build tools expect. */
 #include <stdint.h>

@@ -23,7 +23,7 @@ import tensorflow as tf
 from align import boxes as bx
 from align import native
 from align.config import DetectParams
-from align.resample import area_crops, summed_area_table
+from align.resample import normalised_crops, summed_area_table
 from facenet_nets.nets import Nets, build_nets
 
 NORM_MEAN, NORM_SCALE = 127.5, 0.0078125
@@ -177,13 +177,8 @@ def _crops(image: np.ndarray, boxes: np.ndarray, size: int) -> np.ndarray | None
     x0, y0 = int(np.clip(left, 0, w - 1)), int(np.clip(top, 0, h - 1))
     x1, y1 = int(np.clip(right, x0 + 1, w)), int(np.clip(bottom, y0 + 1, h))
     sat = summed_area_table(image[y0:y1, x0:x1])
-    windows = windows - np.array([x0, y0, x0, y0])
-    if native.LIB:
-        return native.area_crops(sat, windows, size, NORM_MEAN, NORM_SCALE)
-    crops = area_crops(sat, windows, size)
-    crops -= NORM_MEAN
-    crops *= NORM_SCALE
-    return crops.astype(np.float32)
+    crops = native.area_crops if native.LIB else normalised_crops
+    return crops(sat, windows - np.array([x0, y0, x0, y0]), size, NORM_MEAN, NORM_SCALE)
 
 
 def _run_split(net, batches: list[np.ndarray | None]) -> list[tuple | None]:

@@ -60,3 +60,13 @@ def area_crops(sat: np.ndarray, windows: np.ndarray, size: int) -> np.ndarray:
     cell = ((bottom - top) * (right - left)).reshape(-1, 1, 1, 1) / (size * size)
     sums /= cell
     return sums
+
+
+def normalised_crops(sat: np.ndarray, windows: np.ndarray, size: int, mean: float,
+                     scale: float) -> np.ndarray:
+    """(area_crops(sat, windows, size) - mean) * scale as (K, size, size, C) float32, the
+    nets' input. native.area_crops is its C twin."""
+    crops = area_crops(sat, windows, size)
+    crops -= mean
+    crops *= scale
+    return crops.astype(np.float32)

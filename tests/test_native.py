@@ -8,7 +8,7 @@ from align import boxes as bx
 from align import native
 from align.config import DetectParams
 from align.detect import NORM_MEAN, NORM_SCALE, Detector
-from align.resample import area_crops, summed_area_table
+from align.resample import normalised_crops, summed_area_table
 
 
 
@@ -27,13 +27,6 @@ def test_detector_finds_the_same_faces_without_the_extension(detector, sample_im
     assert np.array_equal(with_c.landmarks, without.landmarks)
 
 
-def _numpy_crops(sat, windows, size):
-    crops = area_crops(sat, windows, size)
-    crops -= NORM_MEAN
-    crops *= NORM_SCALE
-    return crops.astype(np.float32)
-
-
 @pytest.mark.parametrize("size", [24, 48])
 def test_area_crops_bitwise_numpy_on_photo_windows(detector: Detector, sample_images, size):
     """The windows facenet's cascade crops from each photo (P-Net's candidates: inside the
@@ -47,7 +40,7 @@ def test_area_crops_bitwise_numpy_on_photo_windows(detector: Detector, sample_im
         sat = summed_area_table(image)
         got = native.area_crops(sat, windows, size, NORM_MEAN, NORM_SCALE)
         assert got.dtype == np.float32 and got.shape == (len(windows), size, size, 3)
-        assert np.array_equal(got, _numpy_crops(sat, windows, size))
+        assert np.array_equal(got, normalised_crops(sat, windows, size, NORM_MEAN, NORM_SCALE))
 
 
 def test_area_crops_random_windows_and_channels():
@@ -59,7 +52,7 @@ def test_area_crops_random_windows_and_channels():
         windows = np.column_stack([corner, corner + rng.integers(1, 70, size=(200, 2))])
         for size in (1, 5, 24):
             assert np.array_equal(native.area_crops(sat, windows, size, NORM_MEAN, NORM_SCALE),
-                                  _numpy_crops(sat, windows, size))
+                                  normalised_crops(sat, windows, size, NORM_MEAN, NORM_SCALE))
     assert native.area_crops(sat, np.zeros((0, 4)), 24, 0, 1).shape == (0, 24, 24, 4)
 
 
