@@ -18,7 +18,7 @@ from align.dataset import Shard, Task
 from align.detect import Detector, Faces
 from align.imageio import NotAnImage, UnreadableImage, decode_image, encode_image
 from align.records import Journal, needs_work
-from facenet_nets.wheelfile import fsync_dir, write_atomic
+from align.durable import fsync_dir, write_atomic
 
 BATCH = 16                      # images per detect_batch call, at most
 MAX_BATCH_PIXELS = 20_000_000   # decoded pixels per batch: a batch lives in up to 3 stages

@@ -2,7 +2,7 @@
 
 `decode_image` turns any photo PIL can read into an HxWx3 uint8 RGB array, or raises
 `UnreadableImage` with a one-line reason; `sniff` names the format found in a file's content;
-`encode_image` encodes thumbnails reproducibly (facenet_nets.wheelfile.write_atomic writes them).
+`encode_image` encodes thumbnails reproducibly (align.durable.write_atomic writes them).
 
 Nothing here changes PIL's global settings (Image.MAX_IMAGE_PIXELS,
 ImageFile.LOAD_TRUNCATED_IMAGES, warning filters): the pixel limit is checked per call on the

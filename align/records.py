@@ -17,7 +17,7 @@ import json
 import os
 from pathlib import Path
 
-from facenet_nets.wheelfile import write_atomic
+from align.durable import write_atomic
 
 STATE = ".align_dataset"
 # "error": a failure that says nothing about the file (out of memory, a full disk, a name too

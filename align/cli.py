@@ -1,0 +1,140 @@
+"""align_dataset: align a face dataset with facenet's MTCNN.
+
+Exit codes: 0 done (unreadable images are reported in faces.jsonl, not failures of the run);
+1 the job could not run (weights, another run on OUTPUT_DIR); 2 usage error (bad option or
+folder, or options that differ from those of the run to resume); 130 interrupted (rerun the
+same command to resume).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from align.config import Config, FORMATS
+
+DEFAULTS = Config()
+BOOL_WORDS = {"true", "false", "1", "0", "yes", "no"}
+
+
+def _facenet_bool_values(args: list[str]) -> list[str]:
+    """facenet took `--detect_multiple_faces True|False`; accept that beside the bare flag."""
+    out, i = [], 0
+    while i < len(args):
+        a = args[i]
+        if a in ("--detect_multiple_faces", "--detect-multiple-faces") and i + 1 < len(args) \
+                and args[i + 1].lower() in BOOL_WORDS:
+            value = args[i + 1].lower() in ("true", "1", "yes")
+            out.append("--detect_multiple_faces" if value else "--no-detect_multiple_faces")
+            i += 2
+            continue
+        out.append(a)
+        i += 1
+    return out
+
+
+class _Command(click.Command):
+    def parse_args(self, ctx, args):
+        return super().parse_args(ctx, _facenet_bool_values(args))
+
+    def main(self, *args, **kwargs):
+        """Usage errors as one line on stderr, exit 2; everything else as click does it."""
+        try:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        except click.UsageError as e:
+            click.echo(f"Error: {e.format_message()} (see --help)", err=True)
+            sys.exit(2)
+        except click.ClickException as e:
+            e.show()
+            sys.exit(e.exit_code)
+        except click.Abort:
+            sys.exit(130)
+
+
+def _thresholds(ctx, param, value: str) -> tuple[float, float, float]:
+    try:
+        t = tuple(float(v) for v in value.replace(",", " ").split())
+    except ValueError:
+        t = ()
+    if len(t) != 3 or not all(0 <= v <= 1 for v in t):
+        raise click.BadParameter(f"three probabilities in [0, 1] like 0.6,0.7,0.7, not {value!r}")
+    return t
+
+
+def _opt(*names, **kw):
+    """An option under facenet's underscore spelling and the hyphenated one."""
+    spellings = dict.fromkeys([names[0], names[0].replace("_", "-")])
+    return click.option(*spellings, *names[1:], show_default=True, **kw)
+
+
+@click.command(cls=_Command, context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("input_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("output_dir", type=click.Path(file_okay=False))
+@_opt("--image_size", type=click.IntRange(min=1), default=DEFAULTS.image_size,
+      help="Side of the square thumbnails, pixels.")
+@_opt("--margin", type=click.IntRange(min=0), default=DEFAULTS.margin,
+      help="Margin around the face box, pixels of the input image (half on each side).")
+@click.option("--detect_multiple_faces/--no-detect_multiple_faces", "--detect-multiple-faces/--no-detect-multiple-faces",
+              default=DEFAULTS.detect_multiple_faces, show_default=True,
+              help="Write every face (<stem>_<i>), not only the central, largest one. "
+                   "facenet's '--detect_multiple_faces True|False' works too.")
+@_opt("--random_order", is_flag=True, default=DEFAULTS.random_order,
+      help="Process the images in random order (the output is the same).")
+@_opt("--gpu_memory_fraction", type=click.FloatRange(0, 1, min_open=True), default=DEFAULTS.gpu_memory_fraction,
+      help="Upper bound on the GPU memory each worker may use.")
+@_opt("--workers", type=click.IntRange(min=1), default=DEFAULTS.workers,
+      help="Worker processes (default: this machine's cores).")
+@_opt("--min_face_size", type=click.FloatRange(min=1), default=DEFAULTS.min_face_size,
+      help="Smallest face searched for, pixels of the input image (facenet's minsize).")
+@_opt("--thresholds", default=",".join(str(t) for t in DEFAULTS.thresholds), callback=_thresholds,
+      help="P-Net, R-Net, O-Net face probability thresholds.")
+@_opt("--factor", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=DEFAULTS.factor,
+      help="Scale step of the image pyramid.")
+@_opt("--format", "fmt", type=click.Choice(FORMATS), default=DEFAULTS.format, help="Thumbnail format.")
+@_opt("--overwrite", is_flag=True, default=False, help="Start over instead of resuming.")
+@_opt("--quiet", "-q", is_flag=True, default=False, help="Print nothing but errors.")
+def main(input_dir, output_dir, fmt, **options):
+    """Detect, crop and resize the faces of INPUT_DIR/<identity>/<image> into
+    OUTPUT_DIR/<identity>/<stem>.png, as facenet's align_dataset_mtcnn.py does.
+
+    A killed run resumes where it stopped when the same command runs again.
+    Records: OUTPUT_DIR/faces.jsonl, bounding_boxes.txt, summary.json."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from align.runner import Interrupted, JobError, OptionsError, align_dataset
+    from facenet_nets.weights import WeightsError
+
+    try:
+        config = Config(format=fmt, **options)
+    except ValueError as e:
+        raise click.UsageError(str(e))
+    try:
+        summary = align_dataset(input_dir, output_dir, config)
+    except OptionsError as e:
+        raise click.UsageError(str(e))
+    except (JobError, WeightsError) as e:
+        raise click.ClickException(str(e))
+    except Interrupted:
+        click.echo(f"\nInterrupted. Run the same command again to resume:\n  {_command_line()}", err=True)
+        sys.exit(130)
+    if not options["quiet"]:
+        _print_summary(summary)
+
+
+def _command_line() -> str:
+    """The command as typed, less --overwrite (which would throw the progress away)."""
+    import shlex
+    args = [a for a in sys.argv[1:] if a not in ("--overwrite",)]
+    return " ".join(shlex.quote(a) for a in ["align_dataset", *args])
+
+
+def _print_summary(s: dict) -> None:
+    rate = f"{s['images_per_s']} images/s" if s["images_per_s"] else "nothing left to do"
+    errors = f", {s['errors']} failed (retried by the next run)" if s["errors"] else ""
+    click.echo(f"{s['images']} images: {s['aligned']} aligned, {s['no_face']} no face, "
+               f"{s['unreadable']} unreadable, {s['skipped']} skipped{errors}; {s['faces_written']} "
+               f"faces written in {s['wall_s']:.1f} s ({rate}). Records: {s['output_dir']}/faces.jsonl")
+
+
+if __name__ == "__main__":
+    main()
