@@ -1,8 +1,9 @@
 """Find, fetch, verify and load facenet's MTCNN weights (det1.npy, det2.npy, det3.npy).
 
 They are pickled dicts {layer name: {param name: array}} from the facenet==1.0.5 wheel. A file
-is unpickled only after its sha256 matches the digest below, so a tampered or truncated file is
-refused before any of its bytes are interpreted.
+is read once into memory, and those bytes are unpickled only after their sha256 matches the
+digest below: a tampered or truncated file is refused before any of its bytes are interpreted,
+and a file swapped after the check is never read.
 
 Where they are looked for, in order:
 1. an explicit directory (argument, or the ALIGN_WEIGHTS_DIR environment variable);
@@ -12,6 +13,8 @@ Where they are looked for, in order:
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 from pathlib import Path
 
@@ -69,19 +72,17 @@ def weights_dir(directory: str | os.PathLike | None = None) -> Path:
     return cache
 
 
-def _check(path: Path) -> Path:
-    got = sha256_of(path)
+def _check(path: Path, got: str) -> None:
     if got != SHA256[path.name]:
         raise WeightsError(f"{path} has sha256 {got}, expected {SHA256[path.name]}: refusing to "
                            f"unpickle it. Delete it and run again to fetch a good copy.")
-    return path
 
 
 def verify_weights(directory: str | os.PathLike | None = None) -> Path:
     """The weights directory (fetched when needed) once all three files match their sha256."""
     path = weights_dir(directory)
     for name in SHA256:
-        _check(path / name)
+        _check(path / name, sha256_of(path / name))
     return path
 
 
@@ -90,8 +91,10 @@ def load_weights(name: str, directory: str | os.PathLike | None = None) -> dict:
     unpickled only after its sha256 matched."""
     if name not in SHA256:
         raise ValueError(f"unknown weights file {name!r}; expected one of {sorted(SHA256)}")
-    path = _check(weights_dir(directory) / name)
-    return np.load(path, encoding="latin1", allow_pickle=True).item()
+    path = weights_dir(directory) / name
+    data = path.read_bytes()        # once: the bytes unpickled are the bytes hashed
+    _check(path, hashlib.sha256(data).hexdigest())
+    return np.load(io.BytesIO(data), encoding="latin1", allow_pickle=True).item()
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """Weights: found in order, verified before unpickling, refused with a clear message."""
+import os
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -57,3 +59,38 @@ def test_offline_fetch_says_what_to_put_where(tmp_path, monkeypatch):
     assert "facenet==1.0.5" in message and str(tmp_path / "cache") in message
     assert "ALIGN_WEIGHTS_DIR" in message
     assert not any((tmp_path / "cache").rglob("*.npy"))
+
+
+_swap = {}      # armed by the test below; an audit hook cannot be removed, so it checks this
+
+
+def _swap_on_second_open(event, args):
+    if event == "open" and _swap and os.fspath(args[0]) == str(_swap["target"]):
+        _swap["opens"] += 1
+        if _swap["opens"] == 2:     # the file is replaced between the check and the load
+            os.replace(_swap["payload"], _swap["target"])
+
+
+def test_a_file_swapped_after_the_check_is_never_unpickled(weights, tmp_path):
+    """The race: the file is hashed, then replaced by a pickle payload before it is unpickled.
+    The file's bytes are read once, so the payload is never even opened."""
+    for name in w.SHA256:
+        shutil.copy(weights / name, tmp_path / name)
+    marker = tmp_path / "unpickled"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    payload = tmp_path / "payload.npy"
+    np.save(payload, np.array(Payload(), dtype=object), allow_pickle=True)
+    sys.addaudithook(_swap_on_second_open)
+    _swap.update(target=tmp_path / "det2.npy", payload=payload, opens=0)
+    try:
+        d = w.load_weights("det2.npy", tmp_path)
+    finally:
+        opens = _swap.pop("opens")
+        _swap.clear()
+    assert not marker.exists(), "the swapped-in pickle ran"
+    assert opens == 1
+    assert d["conv5-1"]["weights"].shape == (128, 2)
