@@ -120,9 +120,12 @@ class Aligner:
 
     def _record(self, task: Task, status: str, reason: str | None,
                 image: np.ndarray | None) -> dict:
-        return {"input": task.rel, "status": status, "reason": reason,
-                "size": None if image is None else [image.shape[1], image.shape[0]],
-                "output": self.output_name(task), "faces": [], "written": []}
+        record = {"input": task.rel, "status": status, "reason": reason,
+                  "size": None if image is None else [image.shape[1], image.shape[0]],
+                  "output": self.output_name(task), "faces": [], "written": []}
+        if task.natural is not None:    # facenet's name could not be used (align.dataset says why)
+            record["natural_output"] = f"{task.natural}{self.config.extension}"
+        return record
 
     def _write(self, results, journal: Journal, progress: Progress | None) -> list[dict]:
         """Thumbnails of one batch, renamed into place and made durable, then its records

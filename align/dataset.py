@@ -5,6 +5,19 @@ holds an image is found out by the worker, from its content). Anything else at t
 INPUT_DIR is listed as skipped. Output names follow facenet, `<identity>/<stem><ext>`; when
 several files of a folder share a stem (a.jpg, a.png) each of them keeps its whole name
 instead (a.jpg.png, a.png.png), so no output overwrites another.
+
+Names that cannot be used as they are get a deterministic safe name instead, `<prefix>~<hash>`
+(the hash: 16 hex digits of the sha1 of the whole input name; the prefix: the name with control
+characters replaced by "_", cut to fit), and their records keep the natural name too:
+- a stem whose output name would not fit in NAME_MAX bytes once the longest face suffix and
+  extension are added (SUFFIX_ROOM), e.g. 255-byte input names, or two 250-byte names that
+  share a stem and so keep their whole names;
+- a stem or identity holding a control character (a newline, a tab, ...): bounding_boxes.txt
+  has one output path per line, so its paths must hold none;
+- an identity named like a record at the top of OUTPUT_DIR (RESERVED: faces.jsonl,
+  summary.json, bounding_boxes.txt, report.html, .align_dataset) or like a temporary
+  (.tmp-*.tmp): its thumbnails go to `<name>~<hash>/`.
+A folder inside an identity folder is a task too: the worker records it as not an image.
 """
 from __future__ import annotations
 
@@ -14,6 +27,14 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from align.durable import TEMP_PREFIX, TEMP_SUFFIX
+
+NAME_MAX = 255          # bytes in one path component (Linux's, and most file systems')
+SUFFIX_ROOM = 10        # bytes an output name adds to its stem, at most: "_<face>" and ".png"
+HASH_HEX = 16
+# the top of OUTPUT_DIR: an identity folder must not be named like what the run writes there
+RESERVED = frozenset({"faces.jsonl", "summary.json", "bounding_boxes.txt", "report.html",
+                      ".align_dataset"})
 SHARD_SIZE = 32     # images per shard, at most: a worker's journal and detection batches are per shard
 MIN_SHARD = 8       # ... and at least (but the last): shards shrink toward the end of a run
 
@@ -24,6 +45,7 @@ class Task:
     relative to OUTPUT_DIR without extension (a face index and the extension are added)."""
     rel: str
     out_base: str
+    natural: str | None = None    # out_base as facenet would name it, where that was not usable
 
 
 @dataclass(frozen=True)
@@ -51,6 +73,31 @@ def output_stems(names: list[str]) -> dict[str, str]:
             stems[n] = n
 
 
+def _unusable(name: str, room: int) -> bool:
+    return len(os.fsencode(name)) + room > NAME_MAX or any(ord(c) < 32 or ord(c) == 127 for c in name)
+
+
+def safe_name(name: str, whole: str, room: int = 0, force: bool = False) -> str:
+    """`name` itself when it fits in NAME_MAX bytes with `room` bytes to spare and holds no
+    control character (and not `force`); else `<prefix>~<hash of whole>`, NAME_MAX - room
+    bytes at most. `whole` is the name the hash is taken of (the whole file name, for a
+    stem), so that names sharing a stem get different safe names."""
+    if not force and not _unusable(name, room):
+        return name
+    tag = "~" + hashlib.sha1(os.fsencode(whole)).hexdigest()[:HASH_HEX]
+    clean = os.fsencode("".join("_" if ord(c) < 32 or ord(c) == 127 else c for c in name))
+    cut = max(0, NAME_MAX - room - len(tag))
+    while 0 < cut < len(clean) and clean[cut] & 0xC0 == 0x80:     # not inside a UTF-8 character
+        cut -= 1
+    return os.fsdecode(clean[:cut]) + tag
+
+
+def output_identity(name: str) -> str:
+    """The folder of OUTPUT_DIR that identity `name`'s thumbnails go to."""
+    reserved = name in RESERVED or (name.startswith(TEMP_PREFIX) and name.endswith(TEMP_SUFFIX))
+    return safe_name(name, name, force=reserved)
+
+
 def _is_dir(entry: os.DirEntry) -> bool:
     """Follows symlinks; a link that loops or leads nowhere is not a folder."""
     try:
@@ -66,12 +113,18 @@ def walk(input_dir: Path) -> Walk:
             skipped.append(entry.name)
             continue
         try:
-            names = sorted(e.name for e in os.scandir(entry.path) if not _is_dir(e))
+            entries = sorted(((e.name, _is_dir(e)) for e in os.scandir(entry.path)))
         except OSError:
             skipped.append(entry.name)
             continue
-        stems = output_stems(names)
-        tasks += [Task(f"{entry.name}/{name}", f"{entry.name}/{stems[name]}") for name in names]
+        identity = output_identity(entry.name)
+        stems = output_stems([name for name, is_dir in entries if not is_dir])
+        for name, is_dir in entries:
+            stem = os.path.splitext(name)[0] if is_dir else stems[name]
+            out = safe_name(stem, name, SUFFIX_ROOM)
+            natural = f"{entry.name}/{stem}"
+            base = f"{identity}/{out}"
+            tasks.append(Task(f"{entry.name}/{name}", base, None if base == natural else natural))
     return Walk(tasks, skipped)
 
 

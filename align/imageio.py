@@ -63,7 +63,7 @@ def _open_file(path: PathArg) -> tuple[BinaryIO, int]:
     try:
         st = os.stat(path)
         if stat.S_ISDIR(st.st_mode):
-            raise UnreadableImage("is a directory")
+            raise NotAnImage("is a directory")
         if not stat.S_ISREG(st.st_mode):  # a FIFO or a device would block or never end
             raise UnreadableImage("not a regular file")
         return open(path, "rb"), st.st_size

@@ -781,41 +781,52 @@ def test_dev_set_aligned_like_facenet(tmp_path):
                 assert (tmp_path / "out" / w["output"]).is_file()
 
 
-def test_long_names_align_or_fail_alone_and_are_retried(sample_dir, tmp_path):
-    """A 250-byte name aligns (its temporary file must not be longer than the limit); two
-    252-byte names sharing a stem need 256-byte outputs: each gets an "error" record with
-    the file system's reason, the photo beside them is aligned, and a rerun retries them."""
-    src = tmp_path / "in" / "p"
-    src.mkdir(parents=True)
-    long_ok = "a" * 246 + ".jpg"                       # output: 246 + 4 = 250 bytes
-    clash = "b" * 248                                  # b...b.jpg and b...b.png -> 256 bytes
-    for name in (long_ok, clash + ".jpg", clash + ".png", "short.jpg"):
-        shutil.copyfile(sample(sample_dir, "grace_hopper.jpg"), src / name)
+def test_hostile_names_get_records_and_safe_outputs(sample_dir, tmp_path):
+    """Names the file system or bounding_boxes.txt cannot hold get short safe output names
+    (the record keeps the natural one) and are aligned; identities named like our records get
+    escaped folders; a folder inside an identity gets a record. Nothing is left to retry."""
+    src = tmp_path / "in"
+    long_ok, lone, clash = "a" * 241 + ".jpg", "l" * 251 + ".jpg", "b" * 251
+    inputs = [f"p/{long_ok}", f"p/{lone}", f"p/{clash}.jpg", f"p/{clash}.png", "p/short.jpg",
+              "p/two\nlines.jpg", "faces.jsonl/x.jpg", "summary.json/x.jpg", ".align_dataset/x.jpg"]
+    for rel in inputs:
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(sample(sample_dir, "grace_hopper.jpg"), src / rel)
+    (src / "p" / "x.jpg").mkdir()
     out = tmp_path / "out"
-    p = ok(run_align(tmp_path / "in", out, "--workers", 1, "--image_size", 64))
+    p = ok(run_align(src, out, "--workers", 1, "--image_size", 32))
+    assert "Traceback" not in p.stderr
     by_input = {r["input"]: r for r in records(out)}
-    assert by_input[f"p/{long_ok}"]["status"] == "aligned"
-    assert (out / "p" / ("a" * 246 + ".png")).is_file()
-    assert by_input["p/short.jpg"]["status"] == "aligned"
-    for name in (clash + ".jpg", clash + ".png"):
-        r = by_input[f"p/{name}"]
-        assert r["status"] == "error" and "too long" in r["reason"].lower(), r
+    assert sorted(by_input) == sorted(inputs + ["p/x.jpg"])
+    folder = by_input["p/x.jpg"]
+    assert folder["status"] == "not_an_image" and folder["reason"] == "is a directory"
+    for rel in inputs:
+        r = by_input[rel]
+        assert r["status"] == "aligned", r
+        (w,) = r["written"]
+        assert (out / w["output"]).is_file()
+        assert len(os.fsencode(Path(w["output"]).name)) <= 255
+        assert "\n" not in w["output"]
+    assert by_input[f"p/{long_ok}"]["written"][0]["output"] == f"p/{'a' * 241}.png"
+    assert "natural_output" not in by_input[f"p/{long_ok}"]
+    for rel, natural in [(f"p/{lone}", "p/" + "l" * 251 + ".png"), (f"p/{clash}.jpg", f"p/{clash}.jpg.png"),
+                         ("p/two\nlines.jpg", "p/two\nlines.png"), ("faces.jsonl/x.jpg", "faces.jsonl/x.png")]:
+        assert by_input[rel]["natural_output"] == natural
+        assert by_input[rel]["written"][0]["output"] != natural
+    outputs = [by_input[rel]["written"][0]["output"] for rel in inputs]
+    assert len(set(outputs)) == len(outputs)
+    assert by_input["faces.jsonl/x.jpg"]["written"][0]["output"].startswith("faces.jsonl~")
+    assert (out / "faces.jsonl").is_file() and (out / "summary.json").is_file()
+    lines = bbox_lines(out)
+    assert len(lines) == len(inputs)
+    assert sorted(line.rsplit(" ", 4)[0] for line in lines) == sorted(f"{out}/{o}" for o in outputs)
     s = summary(out)
-    assert s["errors"] == 2 and s["aligned"] == 2
-    assert "2 failed (retried by the next run)" in p.stdout
-    assert not list((out / "p").glob(".*.tmp"))
-    # a rerun retries exactly those two (and fails the same way), nothing else
-    ok(run_align(tmp_path / "in", out, "--workers", 1, "--image_size", 64, "--quiet"))
-    assert summary(out)["processed_this_run"] == 2
-    assert [r["status"] for r in records(out)].count("error") == 2
-    # without the clash the retry succeeds; its record lands in another shard's journal than
-    # the first run's "error", and the finished one is what counts
-    (src / (clash + ".png")).unlink()
-    ok(run_align(tmp_path / "in", out, "--workers", 1, "--image_size", 64, "--quiet"))
-    assert summary(out)["processed_this_run"] == 1
-    assert [r["status"] for r in records(out)] == ["aligned"] * 3
-    assert (out / "p" / (clash + ".png")).is_file()
-    assert len(list((out / ".align_dataset" / "journal").glob("*.jsonl"))) == 3
+    assert (s["errors"], s["aligned"], s["not_an_image"]) == (0, len(inputs), 1)
+    # every output is as good as a plain one's: the same photo, the same bytes
+    short = (out / by_input["p/short.jpg"]["written"][0]["output"]).read_bytes()
+    assert all((out / o).read_bytes() == short for o in outputs)
+    ok(run_align(src, out, "--workers", 1, "--image_size", 32, "--quiet"))
+    assert summary(out)["processed_this_run"] == 0
 
 
 def test_folder_aligned_by_facenet_stays_skipped_after_a_kill(sample_dir, tmp_path):
