@@ -15,9 +15,9 @@ import numpy as np
 from align.config import Config
 from align.crop import choose_faces, crop_box, thumbnail
 from align.dataset import Shard, Task
-from align.detect import Detector, Faces
+from align.detect import Detector, Faces, TooCostly, cost_refusal
 from align.imageio import NotAnImage, UnreadableImage, decode_image, encode_image
-from align.records import Journal, needs_work
+from align.records import Journal, is_transient, needs_work
 from align.durable import fsync_dir, write_atomic
 
 BATCH = 16                      # images per detect_batch call, at most
@@ -30,10 +30,10 @@ def _read(path: Path) -> tuple[np.ndarray | None, str | None, str | None]:
     """(image, None, None), or (None, status, reason) when it cannot be used now."""
     try:
         return decode_image(path), None, None
-    except NotAnImage as e:
-        return None, "not_an_image", str(e)
     except UnreadableImage as e:
-        return None, "unreadable", str(e)
+        if is_transient(e):     # vanished, not readable now, an I/O error: retried
+            return None, "error", str(e)
+        return None, "not_an_image" if isinstance(e, NotAnImage) else "unreadable", str(e)
     except Exception as e:      # MemoryError and the like: the file may be fine; retried
         return None, "error", _describe(e)
 
@@ -93,6 +93,10 @@ class Aligner:
         batch, pixels, i = [], 0, start
         while i < len(tasks) and len(batch) < BATCH and pixels < MAX_BATCH_PIXELS:
             image, status, reason = _read(self.input_dir / tasks[i].rel)
+            if image is not None:
+                refusal = cost_refusal(*image.shape[:2], self.config.detect_params)
+                if refusal:         # the photo's size under these options: permanent
+                    image, status, reason = None, "unreadable", refusal
             batch.append((tasks[i], image, status, reason))
             pixels += 0 if image is None else image.shape[0] * image.shape[1]
             i += 1
@@ -113,6 +117,8 @@ class Aligner:
             if image is not None:
                 try:
                     faces = self.detector.detect(image, self.config.detect_params)
+                except TooCostly as e:     # the photo under these options: permanent
+                    image, status, reason = None, "unreadable", str(e)
                 except Exception as e:
                     image, status, reason = None, "error", _describe(e)
             out.append((task, image, status, reason, faces))

@@ -29,6 +29,15 @@ def pyramid_scales(height: int, width: int, minsize: float, factor: float) -> li
     return scales
 
 
+def pyramid_pixels(height: int, width: int, minsize: float, factor: float) -> tuple[int, float]:
+    """(pixels of the pyramid's largest level, pixels of all its levels, bounded above by the
+    geometric series: largest / (1 - factor**2)), from the sizes alone, before any work."""
+    if min(height, width) * 12.0 / minsize < 12:
+        return 0, 0.0
+    rows, cols = level_size(height, width, 12.0 / minsize)
+    return rows * cols, rows * cols / (1 - factor * factor)
+
+
 def level_size(height: int, width: int, scale: float) -> tuple[int, int]:
     """(rows, cols) of the pyramid level at `scale`: ceil of the scaled size."""
     return int(np.ceil(height * scale)), int(np.ceil(width * scale))

@@ -19,10 +19,16 @@ BOOL_WORDS = {"true", "false", "1", "0", "yes", "no"}
 
 
 def _facenet_bool_values(args: list[str]) -> list[str]:
-    """facenet took `--detect_multiple_faces True|False`; accept that beside the bare flag."""
+    """facenet took `--detect_multiple_faces True|False` (and argparse's `=True`); accept that
+    beside the bare flag."""
     out, i = [], 0
     while i < len(args):
         a = args[i]
+        flag, eq, word = a.partition("=")
+        if eq and flag in ("--detect_multiple_faces", "--detect-multiple-faces") and word.lower() in BOOL_WORDS:
+            out.append("--detect_multiple_faces" if word.lower() in ("true", "1", "yes") else "--no-detect_multiple_faces")
+            i += 1
+            continue
         if a in ("--detect_multiple_faces", "--detect-multiple-faces") and i + 1 < len(args) \
                 and args[i + 1].lower() in BOOL_WORDS:
             value = args[i + 1].lower() in ("true", "1", "yes")

@@ -2,6 +2,7 @@
 entry point and `make align` alike."""
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -18,8 +19,8 @@ class DetectParams:
     factor: float = 0.709
 
     def __post_init__(self):
-        if not self.minsize > 0:
-            raise ValueError(f"minsize must be > 0, not {self.minsize}")
+        if not 0 < self.minsize < math.inf:
+            raise ValueError(f"minsize must be a number > 0, not {self.minsize}")
         if len(self.thresholds) != 3 or not all(0 <= t <= 1 for t in self.thresholds):
             raise ValueError(f"thresholds must be three numbers in [0, 1], not {self.thresholds}")
         if not 0 < self.factor < 1:
@@ -28,6 +29,30 @@ class DetectParams:
 
 
 WORKER_MEMORY_BYTES = 1_500_000_000     # resident peak of one worker on multi-megapixel photos
+MAX_IMAGE_SIZE = 4096   # thumbnail side, pixels: 50 MB a thumbnail (30000 would be 2.7 GB)
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available now (Linux's MemAvailable), None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def bounded_workers(requested: int, shards: int) -> tuple[int, str | None]:
+    """Workers to start for `shards` shards: `requested`, but no more than there are shards
+    or than the available memory holds (WORKER_MEMORY_BYTES each), and a warning when memory
+    is what capped them. Checked before any worker starts."""
+    n = max(1, min(requested, shards))
+    available = available_memory()
+    if available is not None and n > max(1, available // WORKER_MEMORY_BYTES):
+        fit = max(1, available // WORKER_MEMORY_BYTES)
+        return fit, (f"--workers {requested}: {available / 1e9:.1f} GB of memory available holds "
+                     f"{fit} worker(s) of ~{WORKER_MEMORY_BYTES / 1e9:.1f} GB; starting {fit}")
+    return n, None
 
 
 def usable_cores() -> int:
@@ -42,13 +67,8 @@ def default_workers() -> int:
     convolutions two processes do more than one process with two threads), fewer when the
     available memory cannot hold that many workers."""
     cores = usable_cores()
-    try:
-        with open("/proc/meminfo") as f:
-            info = dict(line.split(":", 1) for line in f)
-        available = int(info["MemAvailable"].split()[0]) * 1024
-        return max(1, min(cores, available // WORKER_MEMORY_BYTES))
-    except (OSError, KeyError, ValueError):
-        return cores
+    available = available_memory()
+    return cores if available is None else max(1, min(cores, available // WORKER_MEMORY_BYTES))
 
 
 @dataclass(frozen=True)
@@ -75,8 +95,8 @@ class Config:
     quiet: bool = False
 
     def __post_init__(self):
-        if self.image_size < 1:
-            raise ValueError(f"image_size must be >= 1, not {self.image_size}")
+        if not 1 <= self.image_size <= MAX_IMAGE_SIZE:
+            raise ValueError(f"image_size must be in 1..{MAX_IMAGE_SIZE} pixels, not {self.image_size}")
         if self.margin < 0:
             raise ValueError(f"margin must be >= 0, not {self.margin}")
         if self.workers < 1:

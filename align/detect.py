@@ -27,12 +27,49 @@ from align.resample import normalised_crops, summed_area_table
 from facenet_nets.nets import Nets, build_nets
 
 NORM_MEAN, NORM_SCALE = 127.5, 0.0078125
+# Bounds on one photo's work, checked before it is done (a photo over them is TooCostly): what
+# the default options need on the largest photo imageio accepts (60 Mpx: a 21.6 Mpx first level,
+# 43 Mpx in all) fits, so they change no detection under normal options. Tiny --min_face_size
+# (the first level grows as (12 / minsize)**2), a --factor near 1 (levels without end) and
+# thresholds near 0 (every window a candidate, NMS quadratic in them) are what they stop.
+MAX_PYRAMID_LEVEL_PIXELS = 24_000_000       # the largest level: P-Net's maps are ~40 bytes a pixel
+MAX_PYRAMID_PIXELS = 48_000_000             # all levels together
+# Candidates: NMS is quadratic in them (100,000 windows took 23 s). Default options on real
+# photos (the samples at 1x and 4x, the largest of shared faces/dev, up to 18 Mpx) stay
+# under 1,300 windows a level and 2,100 boxes a photo: these limits are 8-15 times that.
+MAX_LEVEL_CANDIDATES = 20_000               # P-Net windows passing on one level, before its NMS
+MAX_RNET_CANDIDATES = 20_000                # boxes of one photo from all levels, before its NMS
+MAX_ONET_CANDIDATES = 5_000                 # ... into O-Net (so at most this many faces)
 MAX_LEVEL_PIXELS = 8_000_000     # source pixels of the photos sharing one P-Net call
 MAX_CROPS = 128                  # candidates per R-Net / O-Net call (both slow down past 256)
 # R-Net and O-Net calls are padded to a multiple of this many rows: with fewer than 4 rows
 # oneDNN takes another GEMM path whose float rounding differs, which would make an image's
 # boxes depend on how many candidates its batch happened to hold.
 ROW_MULTIPLE = 16
+
+
+class TooCostly(ValueError):
+    """A photo whose detection under these options would pass the bounds above; the message
+    says which and what option to change. A verdict on the photo for those options."""
+
+
+def cost_refusal(height: int, width: int, params: DetectParams) -> str | None:
+    """Why a height x width photo is too costly to search under `params`, or None."""
+    largest, total = bx.pyramid_pixels(height, width, params.minsize, params.factor)
+    if largest > MAX_PYRAMID_LEVEL_PIXELS:
+        return (f"too costly for the options: {width}x{height} at min_face_size {params.minsize:g} "
+                f"needs a {largest}-pixel pyramid level (limit {MAX_PYRAMID_LEVEL_PIXELS}); "
+                f"raise --min_face_size")
+    if total > MAX_PYRAMID_PIXELS:
+        return (f"too costly for the options: {width}x{height} at min_face_size {params.minsize:g}, "
+                f"factor {params.factor:g} needs {total:.0f} pyramid pixels (limit "
+                f"{MAX_PYRAMID_PIXELS}); raise --min_face_size or lower --factor")
+    return None
+
+
+def _too_many(n: int, limit: int, what: str) -> None:
+    if n > limit:
+        raise TooCostly(f"too costly for the options: {n} {what} (limit {limit}); raise --thresholds")
 
 
 @dataclass(frozen=True)
@@ -95,6 +132,10 @@ class Detector:
     def detect_batch(self, images, params: DetectParams = DetectParams()) -> list[Faces]:
         """Faces of each image; each result equals that of detecting the image alone."""
         images = [as_rgb(im) for im in images]
+        for im in images:
+            reason = cost_refusal(*im.shape[:2], params)
+            if reason:
+                raise TooCostly(reason)
         _, t2, t3 = params.thresholds
         cands = self._stage1(images, params)
         # R-Net
@@ -109,6 +150,7 @@ class Detector:
             reg = reg[keep]
             pick = bx.nms(c, 0.7, "union")
             cands[i] = np.fix(bx.rerec(bx.bbreg(c[pick], reg[pick])))
+            _too_many(len(cands[i]), MAX_ONET_CANDIDATES, "R-Net candidates for O-Net")
         # O-Net
         crops = [_crops(im, c, 48) for im, c in zip(images, cands)]
         outs = _run_split(self.nets.onet, crops)
@@ -154,10 +196,12 @@ class Detector:
                     reg, prob = (t.numpy() for t in self.pnet_levels(levels))
                     for j, i in enumerate(chunk):
                         b = bx.generate_boxes(prob[j], reg[j], scale, t1)
+                        _too_many(len(b), MAX_LEVEL_CANDIDATES, "P-Net windows on one pyramid level")
                         per_level[(i, level)] = b[bx.nms(b, 0.5, "union")]
         out = []
         for i, plan in enumerate(plans):
             c = np.concatenate([per_level[(i, k)] for k in range(len(plan))] or [np.zeros((0, 9))])
+            _too_many(len(c), MAX_RNET_CANDIDATES, "P-Net candidates from all levels")
             c = c[bx.nms(c, 0.7, "union")]
             c = bx.rerec(bx.pnet_regress(c))
             c[:, :4] = np.fix(c[:, :4])

@@ -12,6 +12,7 @@ From the journals, at the end of every run, come (written atomically, in input o
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -20,9 +21,31 @@ from pathlib import Path
 from align.durable import write_atomic
 
 STATE = ".align_dataset"
-# "error": a failure that says nothing about the file (out of memory, a full disk, a name too
-# long for the file system): recorded with its reason, and retried by the next run
 STATUSES = ("aligned", "no_face", "unreadable", "not_an_image", "skipped_existing", "error")
+
+# Permanent and retried failures, the one rule. A failure that comes from the file's content
+# (not an image, corrupt, truncated, a decompression bomb, a symlink loop, a photo too costly
+# for the options) is permanent: status "unreadable" or "not_an_image", never retried under the
+# same options. A failure that comes from the state of the file system or of the machine, which
+# may be otherwise at the next run, is status "error", retried by every run until it passes:
+# the errnos below (the file vanished or is not readable now, an I/O error, a full disk or
+# quota, a name or path too long for where OUTPUT_DIR is, too many open files, a read-only or
+# stale file system) and MemoryError; and any failure to write an output, whatever it is.
+TRANSIENT_ERRNOS = frozenset({
+    errno.ENOENT, errno.EACCES, errno.EPERM, errno.EIO, errno.ENOSPC, errno.EDQUOT,
+    errno.ENAMETOOLONG, errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN, errno.EINTR,
+    errno.EBUSY, errno.EROFS, errno.ESTALE, errno.ETIMEDOUT, errno.ENOTCONN, errno.ENXIO,
+})
+
+
+def is_transient(e: BaseException | None) -> bool:
+    """Whether the failure `e` (or what it was raised from) is the machine's or the file
+    system's, not the file's: see TRANSIENT_ERRNOS."""
+    while e is not None:
+        if isinstance(e, MemoryError) or (isinstance(e, OSError) and e.errno in TRANSIENT_ERRNOS):
+            return True
+        e = e.__cause__
+    return False
 
 
 def needs_work(record: dict | None) -> bool:

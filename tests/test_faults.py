@@ -1,0 +1,124 @@
+"""Faults and hostile options: which failures a rerun retries, and the bounds on one photo's
+work and on a run's resources (each checked before the work)."""
+from __future__ import annotations
+
+import errno
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from align.aligner import Aligner
+from align.config import MAX_IMAGE_SIZE, WORKER_MEMORY_BYTES, Config, DetectParams, available_memory, bounded_workers
+from align.dataset import Shard, Task
+from align.detect import MAX_PYRAMID_LEVEL_PIXELS, TooCostly
+from align.imageio import UnreadableImage
+from align.records import StateDir, is_transient, needs_work
+
+
+def shard_of(*names: str) -> Shard:
+    return Shard("k", tuple(Task(f"p/{n}", f"p/{n.rsplit('.', 1)[0]}") for n in names))
+
+
+def run(detector, root, shard, **options) -> list[dict]:
+    state = StateDir(root / "out")
+    state.journals.mkdir(parents=True, exist_ok=True)
+    aligner = Aligner(Config(workers=1, image_size=32, **options), root / "in", root / "out", detector)
+    return aligner.run_shard(shard, state.journal(shard.key))
+
+
+def test_a_photo_that_vanished_is_retried_once_it_is_back(detector, sample_paths, tmp_path):
+    """Deleted (or mid-replace) between the walk and its read: "error", not "unreadable", so
+    the next run looks at it again and aligns it."""
+    (tmp_path / "in" / "p").mkdir(parents=True)
+    shutil.copyfile(sample_paths["grace_hopper.jpg"], tmp_path / "in" / "p" / "a.jpg")
+    shard = shard_of("a.jpg", "b.jpg")              # b.jpg was listed, then vanished
+    first = run(detector, tmp_path, shard)
+    assert [r["status"] for r in first] == ["aligned", "error"]
+    assert first[1]["reason"] == "no such file or directory"
+    assert needs_work(first[1])
+    shutil.copyfile(sample_paths["grace_hopper.jpg"], tmp_path / "in" / "p" / "b.jpg")
+    second = run(detector, tmp_path, shard)
+    assert [r["status"] for r in second] == ["aligned", "aligned"]
+    assert second[0] == first[0]                    # done once, not redone
+    loaded = StateDir(tmp_path / "out").load_all()
+    assert {rel: r["status"] for rel, r in loaded.items()} == {"p/a.jpg": "aligned", "p/b.jpg": "aligned"}
+
+
+@pytest.mark.parametrize("error, transient", [
+    (OSError(errno.ENOENT, "x"), True), (OSError(errno.EACCES, "x"), True),
+    (OSError(errno.EIO, "x"), True), (OSError(errno.ENOSPC, "x"), True),
+    (OSError(errno.ENAMETOOLONG, "x"), True), (MemoryError(), True),
+    (OSError(errno.ELOOP, "x"), False), (UnreadableImage("truncated image: x"), False),
+    (ValueError("x"), False), (TooCostly("x"), False)])
+def test_which_failures_are_retried(error, transient):
+    wrapped = UnreadableImage("reason")
+    wrapped.__cause__ = error
+    assert is_transient(error) is transient
+    assert is_transient(wrapped) is transient
+
+
+def big_photo(sample_paths, tmp_path, side=2048) -> Path:
+    (tmp_path / "in" / "p").mkdir(parents=True)
+    with Image.open(sample_paths["t1.jpg"]) as im:
+        im.convert("RGB").resize((side, side * 886 // 1280)).save(tmp_path / "in" / "p" / "big.jpg")
+    return tmp_path / "in" / "p" / "big.jpg"
+
+
+@pytest.mark.parametrize("options, says", [({"min_face_size": 1}, "raise --min_face_size"),
+                                           ({"factor": 0.999}, "lower --factor"),
+                                           ({"thresholds": (0, 0, 0)}, "raise --thresholds")])
+def test_a_photo_too_costly_for_the_options_is_one_permanent_record(detector, sample_paths, tmp_path,
+                                                                     options, says):
+    """A 2.9 Mpx photo at --min_face_size 1 would need a 400 Mpx pyramid level; at --factor
+    0.999 a thousand levels; at --thresholds 0,0,0 every window passes and NMS would take
+    minutes. Each is refused before that work, as a record no rerun retries."""
+    big_photo(sample_paths, tmp_path)
+    (record,) = run(detector, tmp_path, shard_of("big.jpg"), **options)
+    assert record["status"] == "unreadable", record
+    assert record["reason"].startswith("too costly for the options") and says in record["reason"]
+    assert not needs_work(record)
+    assert record["written"] == []
+
+
+def test_detect_faces_refuses_a_pyramid_level_too_large(detector, sample_images):
+    """detect_faces(..., minsize=0.05) would ask for a 10 GiB level: a ValueError, at once."""
+    with pytest.raises(TooCostly, match="raise --min_face_size") as e:
+        detector.detect(sample_images["t1.jpg"], DetectParams(minsize=0.05))
+    assert isinstance(e.value, ValueError) and str(MAX_PYRAMID_LEVEL_PIXELS) in str(e.value)
+
+
+def test_default_options_never_hit_the_pyramid_bounds():
+    """The largest photo imageio decodes, at the default options, is searched as before."""
+    from align.detect import cost_refusal
+    from align.imageio import MAX_PIXELS
+    for w, h in [(10_000, 6_000), (7_746, 7_746), (60_000, 1_000), (MAX_PIXELS, 1)]:
+        assert cost_refusal(h, w, DetectParams()) is None, (w, h)
+
+
+@pytest.mark.parametrize("options", [{"min_face_size": math.inf}, {"min_face_size": math.nan},
+                                     {"image_size": MAX_IMAGE_SIZE + 1}, {"image_size": 30000}])
+def test_options_without_bounds_are_refused(options):
+    with pytest.raises(ValueError):
+        Config(**options)
+
+
+def test_workers_are_bounded_by_shards_and_memory():
+    assert bounded_workers(8, 3) == (3, None)
+    assert bounded_workers(1, 0)[0] == 1
+    fit = max(1, available_memory() // WORKER_MEMORY_BYTES)
+    n, warning = bounded_workers(10_000, 10_000)
+    assert n == fit and "GB of memory" in warning and "--workers 10000" in warning
+
+
+@pytest.mark.parametrize("spelling, value", [("--detect_multiple_faces=True", True),
+                                             ("--detect_multiple_faces=False", False),
+                                             ("--detect-multiple-faces=yes", True),
+                                             ("--detect_multiple_faces", True), ("", False)])
+def test_detect_multiple_faces_spellings(spelling, value, tmp_path):
+    from align.cli import main
+    ctx = main.make_context("align_dataset", [str(tmp_path), str(tmp_path / "out"), *filter(None, [spelling])])
+    assert ctx.params["detect_multiple_faces"] is value
