@@ -1,7 +1,6 @@
 """One shard: read -> detect (batched) -> choose faces -> crop -> write -> journal.
 
-Knows nothing of processes: the runner calls `Aligner.run_shard` in each worker, and a cluster
-engine could call it the same way. Decoding runs a batch ahead of detection, and encoding and
+Knows nothing of processes: every engine's workers call it through `align.worker.run_shard`. Decoding runs a batch ahead of detection, and encoding and
 writing a batch behind it, each on a thread of its own, so the nets wait for neither.
 """
 from __future__ import annotations
@@ -26,6 +25,10 @@ MAX_BATCH_PIXELS = 20_000_000   # decoded pixels per batch: a batch lives in up 
 Progress = Callable[[int, int, int], None]      # (images, faces written, failures)
 
 
+class ShardCancelled(Exception):
+    """The shard's results are no longer wanted (its run is gone): nothing more was written."""
+
+
 def _read(path: Path) -> tuple[np.ndarray | None, str | None, str | None]:
     """(image, None, None), or (None, status, reason) when it cannot be used now."""
     try:
@@ -40,6 +43,22 @@ def _read(path: Path) -> tuple[np.ndarray | None, str | None, str | None]:
 
 def _describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {' '.join(str(e).split())}"[:300]
+
+
+def error_record(task: Task, config: Config, reason: str) -> dict:
+    """The record of an image that failed for a reason that says nothing about it; the next
+    run retries it."""
+    return image_record(task, config, "error", reason, None)
+
+
+def image_record(task: Task, config: Config, status: str, reason: str | None,
+                 image: np.ndarray | None) -> dict:
+    record = {"input": task.rel, "status": status, "reason": reason,
+              "size": None if image is None else [image.shape[1], image.shape[0]],
+              "output": f"{task.out_base}{config.extension}", "faces": [], "written": []}
+    if task.natural is not None:    # facenet's name could not be used (align.dataset says why)
+        record["natural_output"] = f"{task.natural}{config.extension}"
+    return record
 
 
 def _face_record(faces: Faces, i: int) -> dict:
@@ -62,11 +81,13 @@ class Aligner:
         return f"{task.out_base}{suffix}{self.config.extension}"
 
     def run_shard(self, shard: Shard, journal: Journal, legacy_outputs: bool = False,
-                  progress: Progress | None = None) -> list[dict]:
+                  progress: Progress | None = None,
+                  cancelled: Callable[[], bool] | None = None) -> list[dict]:
         """Align the shard's images that `journal` lacks or records as "error"; returns every
         record of the shard.
         legacy_outputs: the output folder predates our journals, so an image whose thumbnail
-        exists is skipped, as facenet skipped it."""
+        exists is skipped, as facenet skipped it.
+        cancelled: asked before each batch is written; once true, raises ShardCancelled."""
         done = journal.load()
         todo = [t for t in shard.tasks if needs_work(done.get(t.rel))]
         if legacy_outputs:
@@ -82,7 +103,10 @@ class Aligner:
             while pending:
                 batch, following = pending.result()
                 pending = reader.submit(self._read_batch, todo, following) if following < len(todo) else None
-                writes.append(writer.submit(self._write, self._detect(batch), journal, progress))
+                detected = self._detect(batch)
+                if cancelled and cancelled():
+                    raise ShardCancelled(shard.key)
+                writes.append(writer.submit(self._write, detected, journal, progress))
             records = [r for w in writes for r in w.result()]
         done.update((r["input"], r) for r in records)
         return [done[t.rel] for t in shard.tasks]
@@ -126,12 +150,7 @@ class Aligner:
 
     def _record(self, task: Task, status: str, reason: str | None,
                 image: np.ndarray | None) -> dict:
-        record = {"input": task.rel, "status": status, "reason": reason,
-                  "size": None if image is None else [image.shape[1], image.shape[0]],
-                  "output": self.output_name(task), "faces": [], "written": []}
-        if task.natural is not None:    # facenet's name could not be used (align.dataset says why)
-            record["natural_output"] = f"{task.natural}{self.config.extension}"
-        return record
+        return image_record(task, self.config, status, reason, image)
 
     def _write(self, results, journal: Journal, progress: Progress | None) -> list[dict]:
         """Thumbnails of one batch, renamed into place and made durable, then its records

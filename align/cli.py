@@ -12,7 +12,7 @@ import sys
 
 import click
 
-from align.config import Config, FORMATS
+from align.config import Config, ENGINES, FORMATS
 
 DEFAULTS = Config()
 BOOL_WORDS = {"true", "false", "1", "0", "yes", "no"}
@@ -90,7 +90,15 @@ def _opt(*names, **kw):
 @_opt("--gpu_memory_fraction", type=click.FloatRange(0, 1, min_open=True), default=DEFAULTS.gpu_memory_fraction,
       help="Upper bound on the GPU memory each worker may use.")
 @_opt("--workers", type=click.IntRange(min=1), default=DEFAULTS.workers,
-      help="Worker processes (default: this machine's cores).")
+      help="Worker processes (default: this machine's cores); with --engine dask and no "
+           "scheduler, the LocalCluster's.")
+@_opt("--engine", type=click.Choice(ENGINES), default=DEFAULTS.engine,
+      help="Where the work runs: a process pool here, or a Dask cluster "
+           "(pip install 'align-dataset[dask]').")
+@_opt("--scheduler", metavar="ADDRESS", default=None,
+      help="Dask scheduler address, e.g. tcp://HOST:8786 (default: DASK_SCHEDULER_ADDRESS, else "
+           "a LocalCluster of --workers processes). INPUT_DIR and OUTPUT_DIR must be at the same "
+           "paths on every worker.")
 @_opt("--min_face_size", type=click.FloatRange(min=1), default=DEFAULTS.min_face_size,
       help="Smallest face searched for, pixels of the input image (facenet's minsize).")
 @_opt("--thresholds", default=",".join(str(t) for t in DEFAULTS.thresholds), callback=_thresholds,

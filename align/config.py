@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 
 FORMATS = ("png", "jpg")
+ENGINES = ("local", "dask")
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,9 @@ class Config:
     gpu_memory_fraction: upper bound of GPU memory per worker process, when a GPU is used;
     workers: processes; min_face_size, thresholds, factor: the detector's (see DetectParams);
     format: of the thumbnails; overwrite: redo everything instead of resuming;
-    quiet: no progress output."""
+    quiet: no progress output; engine: where the shards run ("local": a process pool here,
+    "dask": a Dask cluster); scheduler: the Dask scheduler's address (None: the
+    DASK_SCHEDULER_ADDRESS environment variable, else a LocalCluster of `workers` processes)."""
     image_size: int = 182
     margin: int = 44
     detect_multiple_faces: bool = False
@@ -93,6 +96,8 @@ class Config:
     format: str = "png"
     overwrite: bool = False
     quiet: bool = False
+    engine: str = "local"
+    scheduler: str | None = None
 
     def __post_init__(self):
         if not 1 <= self.image_size <= MAX_IMAGE_SIZE:
@@ -105,6 +110,10 @@ class Config:
             raise ValueError(f"gpu_memory_fraction must be in (0, 1], not {self.gpu_memory_fraction}")
         if self.format not in FORMATS:
             raise ValueError(f"format must be one of {FORMATS}, not {self.format!r}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, not {self.engine!r}")
+        if self.scheduler and self.engine != "dask":
+            raise ValueError("a scheduler address is for the dask engine (--engine dask)")
         object.__setattr__(self, "thresholds", tuple(float(t) for t in self.thresholds))
         self.detect_params  # validates the detector's parameters too
 

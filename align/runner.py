@@ -1,145 +1,33 @@
-"""Run the shards of a job: a pool of worker processes, one Aligner (one set of nets) each;
-a progress bar; Ctrl-C; the lock; the merged records at the end.
+"""Run a job: check the folders and options, take OUTPUT_DIR's lock, walk INPUT_DIR, cut what is
+left to do into shards, hand them to an engine, merge the journals into the records.
 
-Knows nothing of faces. `align_dataset` is the Python entry point; the CLI is a thin layer on it.
+Knows nothing of faces (align/aligner.py) or of where the shards run (align/engines/).
+`align_dataset` is the Python entry point; the CLI is a thin layer on it.
 """
 from __future__ import annotations
 
-import atexit
-import contextlib
-import ctypes
 import dataclasses
-import multiprocessing as mp
 import os
 import random
 import resource
-import signal
-import subprocess
 import sys
-import threading
 import time
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
-from align.config import Config, usable_cores
-from align.dataset import Shard, cut_shards, walk
-from align.records import StateDir, count, needs_work, write_results
-from facenet_nets.weights import verify_weights
+from align.config import Config
+from align.dataset import cut_shards, walk
 from align.durable import TEMP_PREFIX, TEMP_SUFFIX
+from align.engines import Interrupted, JobError, OptionsError, make_engine  # noqa: F401 (API)
+from align.records import StateDir, count, needs_work, write_results
+from align.worker import ShardJob
+from facenet_nets.weights import verify_weights
 
 # options whose change changes the output: a resumed run must use the same ones
 OUTPUT_OPTIONS = ("image_size", "margin", "detect_multiple_faces", "min_face_size",
                   "thresholds", "factor", "format")
 LOG_EVERY_S = 10.0
-START_WAIT_S = 300.0    # how long a ready worker waits for the others before it starts anyway
 
 
-class JobError(Exception):
-    """The job cannot start (bad folders, options, another run); the message says why."""
-
-
-class OptionsError(JobError, ValueError):
-    """The folders or options given cannot work (a usage error)."""
-
-
-class Interrupted(Exception):
-    """Ctrl-C (or SIGTERM): the run stopped cleanly; rerunning the command resumes it."""
-
-
-# --- worker side: the loaded nets are the only state a worker keeps ---------------------------
-_aligner = None
-_events = None
-
-
-def _die_with_parent() -> None:
-    """Linux: have the kernel kill this worker when the parent dies (kill -9 included), so no
-    orphan keeps writing into a folder that a rerun is already working on."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
-def _configure_threads(threads: int, gpu_memory_fraction: float) -> None:
-    """Threads of this worker's OpenCV and TensorFlow, and TF's GPU memory. Where TF has
-    already started in the process (a caller's script re-imported by spawn, say), it keeps
-    what it has."""
-    import cv2
-    import tensorflow as tf
-    cv2.setNumThreads(threads)
-    try:
-        tf.config.threading.set_intra_op_parallelism_threads(threads)
-        tf.config.threading.set_inter_op_parallelism_threads(1)
-    except RuntimeError:
-        pass
-    gpus = tf.config.list_physical_devices("GPU")
-    try:
-        for gpu in gpus:
-            tf.config.experimental.set_memory_growth(gpu, True)
-        if gpus and gpu_memory_fraction < 1:
-            # facenet's per_process_gpu_memory_fraction, as a limit on the logical device
-            totals = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
-                                    capture_output=True, text=True, check=True).stdout.split()
-            for gpu, total in zip(gpus, totals):
-                limit = int(float(total) * gpu_memory_fraction)
-                tf.config.set_logical_device_configuration(
-                    gpu, [tf.config.LogicalDeviceConfiguration(memory_limit=limit)])
-    except (OSError, ValueError, RuntimeError, subprocess.CalledProcessError):
-        pass
-
-
-class _QuietStderr:
-    """Silence fd 2 while TensorFlow starts: it logs CUDA probing and oneDNN notices there
-    before any log level applies. Errors still raise, and print once fd 2 is back."""
-
-    def __enter__(self):
-        sys.stderr.flush()
-        self.saved = os.dup(2)
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, 2)
-        os.close(devnull)
-
-    def __exit__(self, *exc):
-        os.dup2(self.saved, 2)
-        os.close(self.saved)
-
-
-def _init_worker(config: Config, input_dir: Path, output_dir: Path, threads: int, events,
-                 start) -> None:
-    global _aligner, _events
-    signal.signal(signal.SIGINT, signal.SIG_IGN)    # the parent handles Ctrl-C
-    _die_with_parent()
-    with _QuietStderr():
-        _configure_threads(threads, config.gpu_memory_fraction)
-        from align.aligner import Aligner
-        _aligner = Aligner(config, input_dir, output_dir)
-        _aligner.detector.warm_up()
-    _events = events
-    events.put(("ready", 0, 0, 0))
-    atexit.register(_exit_without_teardown)
-    # every worker starts on the photos at once, when the last has its nets: then the run's
-    # photos/s (timed from that moment) counts no photo done before it
-    start.wait(START_WAIT_S)
-
-
-def _exit_without_teardown() -> None:
-    """A worker's last step: TensorFlow's teardown at interpreter exit takes 1-2 s per worker,
-    and the run's end waits for every worker. Nothing is left to lose by then: multiprocessing
-    has flushed the events queue and sent the last result, the journals and thumbnails are
-    fsync'ed. (Registered last, so atexit runs it first.)"""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
-def _run_shard(shard: Shard, legacy_outputs: bool) -> list[dict]:
-    journal = StateDir(_aligner.output_dir).journal(shard.key)
-    report = lambda n, faces, failed: _events.put(("done", n, faces, failed))
-    return _aligner.run_shard(shard, journal, legacy_outputs, report)
-
-
-# --- parent side ---------------------------------------------------------------------------------
 def _check_dirs(input_dir: Path, output_dir: Path) -> None:
     if not input_dir.is_dir():
         raise OptionsError(f"INPUT_DIR {input_dir} is not a folder")
@@ -190,37 +78,21 @@ class _Progress:
             self.bar.close()
 
 
-def _pump(events, progress: _Progress, ready: list, workers: int, start,
-          stop: threading.Event) -> None:
-    """Workers' events into the progress until `stop` is set and the queue is empty. `stop`
-    is set once every worker has exited, and an exiting worker flushes its events first.
-    Sets `start` once all `workers` are ready."""
-    while True:
-        try:
-            kind, n, faces, failed = events.get(timeout=0.2)
-        except Exception:   # queue.Empty; or a message torn by a worker killed on Ctrl-C
-            if stop.is_set():
-                return
-            continue
-        if kind == "ready":
-            ready.append(time.perf_counter())
-            if len(ready) == workers:
-                start.set()
-        else:
-            progress.update(n, faces, failed)
-
-
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 
 
-def align_dataset(input_dir, output_dir, config: Config | None = None, **options) -> dict:
+def align_dataset(input_dir, output_dir, config: Config | None = None, *, client=None,
+                  **options) -> dict:
     """Align every identity folder of `input_dir` into `output_dir` (see README); resumes what
     a previous run on `output_dir` left unfinished unless overwrite. Options are Config's
-    fields. Returns the summary (also in OUTPUT_DIR/summary.json). Raises JobError when the
-    job cannot start and Interrupted on Ctrl-C."""
+    fields (engine="dask", scheduler="tcp://host:8786" run it on a Dask cluster; or pass a
+    connected distributed.Client as `client`). Returns the summary (also in
+    OUTPUT_DIR/summary.json). Raises JobError when the job cannot start and Interrupted on
+    Ctrl-C."""
     config = dataclasses.replace(config or Config(), **options)
     t0 = time.perf_counter()
+    engine = make_engine(config.engine, config.workers, config.scheduler, client)
     output_arg = os.path.expanduser(str(output_dir))
     input_dir, output_dir = Path(os.path.expanduser(str(input_dir))), Path(output_arg)
     _check_dirs(input_dir, output_dir)
@@ -231,12 +103,12 @@ def align_dataset(input_dir, output_dir, config: Config | None = None, **options
     if not state.lock():
         raise JobError(f"another align_dataset run is writing to {output_dir}; wait for it to finish")
     try:
-        return _run(config, input_dir, output_dir, output_arg, state, found_outputs, t0)
+        return _run(config, engine, input_dir, output_dir, output_arg, state, found_outputs, t0)
     finally:
         state.unlock()
 
 
-def _run(config, input_dir, output_dir, output_arg, state, found_outputs, t0) -> dict:
+def _run(config, engine, input_dir, output_dir, output_arg, state, found_outputs, t0) -> dict:
     options = {k: getattr(config, k) for k in OUTPUT_OPTIONS}
     options["thresholds"] = list(options["thresholds"])
     previous = state.options()
@@ -260,24 +132,24 @@ def _run(config, input_dir, output_dir, output_arg, state, found_outputs, t0) ->
         (output_dir / identity).mkdir(exist_ok=True)
     records = state.load_all()
     pending = [t for t in job.tasks if needs_work(records.get(t.rel))]
+    del records
     if config.random_order:
         random.shuffle(pending)
-    todo = cut_shards(pending, config.workers)
-    done_before = len(job.tasks) - len(pending)
-    progress = _Progress(len(job.tasks), done_before, config.quiet)
-    ready: list[float] = []
+    shards = cut_shards(pending, config.workers)
+    progress = _Progress(len(job.tasks), len(job.tasks) - len(pending), config.quiet)
     t_work = time.perf_counter()
     try:
-        workers, t_done = _run_pool(config, input_dir, output_dir, todo, legacy_outputs, progress,
-                                    ready, records) if todo else (0, None)
+        ran = engine.run(ShardJob(config, input_dir, output_dir, legacy_outputs), shards,
+                         progress.update) if shards else None
     finally:
         progress.close()
     t_end = time.perf_counter()
 
+    records = state.load_all()
     ordered = [records[t.rel] for t in job.tasks]
     counts = count(ordered)
     # from every worker holding its nets (they start together) to the last shard's records
-    processing_s = (t_done or t_end) - (max(ready) if ready else t_work)
+    processing_s = (ran.done_at - ran.ready_at) if ran else t_end - t_work
     summary = {
         "input_dir": str(input_dir), "output_dir": output_arg, "images": len(job.tasks),
         "aligned": counts["aligned"], "no_face": counts["no_face"],
@@ -287,72 +159,11 @@ def _run(config, input_dir, output_dir, output_arg, state, found_outputs, t0) ->
         "not_an_image": counts["not_an_image"], "skipped_existing": counts["skipped_existing"],
         "skipped_entries": job.skipped,
         "processed_this_run": len(pending),
-        "workers": workers,
+        "engine": engine.name,
+        "workers": ran.workers if ran else 0,
         "wall_s": round(t_end - t0, 3), "processing_s": round(processing_s, 3),
         "images_per_s": round(len(pending) / processing_s, 2) if processing_s > 0 else None,
         "peak_rss_mb": round(_peak_rss_mb(), 1),
     }
     write_results(output_dir, output_arg, ordered, summary)
     return summary
-
-
-# glibc malloc serves blocks this large from mmap by default, and gives them back on free: every
-# large array (a P-Net map of a multi-megapixel photo is ~100 MB) then costs its pages' faults
-# and zeroing again, about a third of a memory-bound TF op's time. Workers keep them instead.
-WORKER_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 32), "MALLOC_TRIM_THRESHOLD_": str(1 << 32)}
-
-
-@contextlib.contextmanager
-def _worker_malloc_env():
-    """WORKER_MALLOC_ENV in os.environ while workers start (glibc reads it at process start),
-    except where the user has set those variables; the caller's environment is restored."""
-    added = {k: v for k, v in WORKER_MALLOC_ENV.items() if k not in os.environ}
-    os.environ.update(added)
-    try:
-        yield
-    finally:
-        for k in added:
-            os.environ.pop(k, None)
-
-
-def _run_pool(config, input_dir, output_dir, todo, legacy_outputs, progress, ready,
-              records) -> tuple[int, float]:
-    """Run the shards on a pool of workers, their records into `records`; returns how many
-    workers it started and when (perf_counter) the last shard's records came in."""
-    ctx = mp.get_context("spawn")
-    events = ctx.Queue()
-    workers = min(config.workers, len(todo))
-    threads = max(1, usable_cores() // workers)     # TF threads per worker
-    start, stop = ctx.Event(), threading.Event()
-    pump = threading.Thread(target=_pump, args=(events, progress, ready, workers, start, stop),
-                            daemon=True)
-    pump.start()
-    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                               initargs=(config, input_dir, output_dir, threads, events, start))
-    previous_term = signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
-        with _worker_malloc_env():          # submit starts the workers (spawn: one each, on demand)
-            futures = {pool.submit(_run_shard, s, legacy_outputs) for s in todo}
-        while futures:
-            finished, futures = wait(futures, timeout=0.5, return_when=FIRST_COMPLETED)
-            for f in finished:
-                for r in f.result():
-                    records[r["input"]] = r
-        t_done = time.perf_counter()
-    except KeyboardInterrupt:
-        # the workers ignore SIGINT; the executor has no public way to stop running tasks
-        for p in list(getattr(pool, "_processes", {}).values()):
-            p.kill()
-        pool.shutdown(wait=False, cancel_futures=True)
-        raise Interrupted() from None
-    except BrokenProcessPool:
-        raise JobError("a worker process died (killed, or out of memory?): what it had finished "
-                       "is kept; rerun the same command to resume, with fewer --workers if "
-                       "memory ran out") from None
-    finally:
-        start.set()                         # a worker that died starting must not hold the rest
-        signal.signal(signal.SIGTERM, previous_term)
-        pool.shutdown(wait=True, cancel_futures=True)
-        stop.set()
-        pump.join()
-    return workers, t_done

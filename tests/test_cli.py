@@ -869,11 +869,11 @@ def test_corrupt_weights_are_one_clear_error(sample_dir, tmp_path):
 
 
 def test_workers_start_with_malloc_settings_and_the_caller_keeps_its_environment(monkeypatch):
-    from align import runner
+    from align.engines.local import worker_malloc_env
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "12345")          # the user's own: kept
     show = "import os; print(os.environ['MALLOC_MMAP_THRESHOLD_'], os.environ['MALLOC_TRIM_THRESHOLD_'])"
-    with runner._worker_malloc_env():
+    with worker_malloc_env():
         seen = subprocess.run([sys.executable, "-c", show], capture_output=True, text=True).stdout.split()
     assert seen == [str(1 << 32), "12345"]
     assert "MALLOC_MMAP_THRESHOLD_" not in os.environ

@@ -1,0 +1,66 @@
+"""Engines run a job's shards somewhere and know nothing of faces.
+
+Each engine takes the shards of one run and calls `align.worker.run_shard` on each, in worker
+processes that load the nets once; it reports progress as the shards' batches finish, and stops
+its workers on Ctrl-C. The shards' records go to their journals in OUTPUT_DIR, never through
+the engine, so engines are interchangeable on one OUTPUT_DIR.
+
+    local   a process pool on this machine (align/engines/local.py)
+    dask    a Dask cluster, or a LocalCluster started for the run (align/engines/dask.py)
+"""
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+from align.config import ENGINES
+from align.dataset import Shard
+from align.worker import Progress, ShardJob
+
+
+class JobError(Exception):
+    """The job cannot start or go on (bad folders, options, another run, a dead worker); the
+    message says why and what to do."""
+
+
+class OptionsError(JobError, ValueError):
+    """The folders or options given cannot work (a usage error)."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C (or SIGTERM): the run stopped cleanly; rerunning the command resumes it."""
+
+
+@dataclass(frozen=True)
+class EngineRun:
+    """What an engine's run was: the worker processes it used, when (time.perf_counter) every
+    one of them held its nets, and when the last shard's records were journaled."""
+    workers: int
+    ready_at: float
+    done_at: float
+
+
+class Engine(Protocol):
+    name: str
+
+    def run(self, job: ShardJob, shards: list[Shard], progress: Progress) -> EngineRun:
+        """Run every shard to completion; raises Interrupted on Ctrl-C, JobError when it
+        cannot go on."""
+
+
+def make_engine(name: str, workers: int, scheduler: str | None = None, client=None) -> Engine:
+    """The engine called `name`; dask: on `client`, else the scheduler at `scheduler` (or
+    DASK_SCHEDULER_ADDRESS), else a LocalCluster of `workers` processes."""
+    if client is not None:
+        name = "dask"
+    if name not in ENGINES:
+        raise OptionsError(f"engine must be one of {ENGINES}, not {name!r}")
+    if name == "local":
+        from align.engines.local import LocalEngine
+        return LocalEngine(workers)
+    if importlib.util.find_spec("distributed") is None:
+        raise OptionsError("--engine dask needs Dask's distributed package: "
+                           "pip install 'align-dataset[dask]' (or 'dask[distributed]')")
+    from align.engines.dask import DaskEngine
+    return DaskEngine(workers, scheduler, client)

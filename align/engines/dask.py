@@ -1,0 +1,172 @@
+"""The dask engine: the shards as tasks on a Dask cluster, one set of nets per worker process.
+
+- The cluster: a connected `distributed.Client`, or the scheduler at an address (or
+  DASK_SCHEDULER_ADDRESS), or a LocalCluster of `workers` processes, one thread each, started
+  for the run and closed after it.
+- Before any shard is sent, every worker checks that it sees INPUT_DIR, can write into
+  OUTPUT_DIR and has the weights: they must be at the same paths on every worker (a shared file
+  system). A worker that cannot is named in the error.
+- A WorkerPlugin loads the nets once per worker process (TensorFlow on the worker's nthreads
+  threads), on the workers there are and on any that join later.
+- Shards go out with `client.map(..., pure=False, retries=RETRIES)`; a worker that dies
+  mid-shard has the shard rerun elsewhere (the journal keeps what it finished). A shard that
+  fails on every try gets "error" records for its images, which the next run retries.
+- No worker writes after the client is gone: the scheduler then releases the client's tasks,
+  and a running shard asks its worker before writing each batch whether its task is still
+  wanted (it stops within one batch). A LocalCluster's processes die with the client.
+- Workers that declare a GPU resource (`dask worker ... --resources GPU=1`) get one shard at a
+  time per GPU, when every worker declares one.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+import uuid
+from pathlib import Path
+
+import dask
+import distributed
+from distributed.diagnostics.plugin import WorkerPlugin
+
+from align.dataset import Shard
+from align.durable import write_atomic
+from align.engines import EngineRun, Interrupted, JobError
+from align.engines.local import worker_malloc_env
+from align.worker import Progress, ShardDone, ShardJob, failed_shard, load_nets, run_shard
+
+RETRIES = 2                     # reruns of a shard whose task raised, on top of the first try
+PLUGIN = "align-dataset-nets"
+CONNECT_TIMEOUT_S = 30
+
+
+class NetsPlugin(WorkerPlugin):
+    """Loads the nets into the worker process when the worker starts (or when registered),
+    off the worker's event loop, TensorFlow on the worker's nthreads threads."""
+    idempotent = True
+
+    def __init__(self, gpu_memory_fraction: float = 1.0):
+        self.gpu_memory_fraction = gpu_memory_fraction
+
+    async def setup(self, worker):
+        await asyncio.get_running_loop().run_in_executor(
+            None, load_nets, worker.state.nthreads, self.gpu_memory_fraction)
+
+
+def _probe(input_dir: str, output_dir: str, first_input: str | None) -> str | None:
+    """On a worker: None when it sees INPUT_DIR (and its first input), can write into
+    OUTPUT_DIR's state folder and has the weights; else what it cannot do."""
+    from align.records import StateDir
+    from facenet_nets.weights import WeightsError, verify_weights
+    if not Path(input_dir).is_dir():
+        return f"does not see INPUT_DIR {input_dir}"
+    if first_input and not (Path(input_dir) / first_input).exists():
+        return f"does not see {first_input} in INPUT_DIR {input_dir}"
+    probe = StateDir(Path(output_dir)).root / f"probe-{uuid.uuid4().hex}"
+    try:
+        write_atomic(probe, b"")
+        probe.unlink()
+    except OSError as e:
+        return f"cannot write into OUTPUT_DIR {output_dir} ({e.strerror or e})"
+    try:
+        verify_weights()
+    except WeightsError as e:
+        return f"has no usable MTCNN weights: {e}"
+    return None
+
+
+def _still_wanted():
+    """On a worker, in a task: a function telling whether the scheduler still wants the task
+    (it releases the tasks of a client that went away)."""
+    worker = distributed.get_worker()
+    key = worker.get_current_task()
+
+    def cancelled() -> bool:
+        task = worker.state.tasks.get(key)
+        return task is None or task.state in ("cancelled", "released", "forgotten")
+    return cancelled
+
+
+def _shard_task(shard: Shard, job: ShardJob) -> ShardDone:
+    return run_shard(job, shard, cancelled=_still_wanted())
+
+
+class DaskEngine:
+    name = "dask"
+
+    def __init__(self, workers: int, scheduler: str | None = None, client=None):
+        self.workers = workers
+        self.scheduler = scheduler or dask.config.get("scheduler-address", None)
+        self.client = client
+
+    @contextlib.contextmanager
+    def _connect(self):
+        """A client on the cluster; closed afterwards if opened here (a LocalCluster too)."""
+        if self.client is not None:
+            yield self.client
+            return
+        if self.scheduler:
+            try:
+                client = distributed.Client(self.scheduler, timeout=CONNECT_TIMEOUT_S)
+            except (OSError, asyncio.TimeoutError, ValueError) as e:
+                raise JobError(f"cannot reach the Dask scheduler at {self.scheduler}: {e}") from None
+            with client:
+                yield client
+            return
+        with worker_malloc_env():
+            cluster = distributed.LocalCluster(
+                n_workers=self.workers, threads_per_worker=1, processes=True,
+                dashboard_address=":0", silence_logs=logging.ERROR)
+        with cluster, distributed.Client(cluster) as client:
+            yield client
+
+    def run(self, job: ShardJob, shards: list[Shard], progress: Progress) -> EngineRun:
+        try:
+            with self._connect() as client:
+                return self._run(client, job, shards, progress)
+        except KeyboardInterrupt:
+            raise Interrupted() from None
+
+    def _run(self, client, job: ShardJob, shards: list[Shard], progress: Progress) -> EngineRun:
+        info = client.scheduler_info()
+        if not job.config.quiet and client.dashboard_link:
+            print(f"align_dataset: Dask dashboard at {client.dashboard_link}", flush=True)
+        client.wait_for_workers(1, timeout=CONNECT_TIMEOUT_S)
+        first = shards[0].tasks[0].rel if shards else None
+        problems = client.run(_probe, os.fspath(job.input_dir), os.fspath(job.output_dir), first)
+        for address, problem in sorted(problems.items()):
+            if problem:
+                raise JobError(f"Dask worker {address} {problem}: INPUT_DIR and OUTPUT_DIR must be "
+                               f"at the same paths on every worker (a shared file system)")
+        client.register_plugin(NetsPlugin(job.config.gpu_memory_fraction), name=PLUGIN)
+        info = client.scheduler_info()
+        workers = info["workers"].values()
+        gpus = bool(workers) and all("GPU" in w.get("resources", {}) for w in workers)
+        ready_at = time.perf_counter()
+        futures = client.map(_shard_task, shards, job=job, pure=False, retries=RETRIES,
+                             resources={"GPU": 1} if gpus else None,
+                             key=[f"align-shard-{s.key}-{uuid.uuid4().hex[:8]}" for s in shards])
+        by_key = {f.key: s for f, s in zip(futures, shards)}
+        try:
+            for future in distributed.as_completed(futures):
+                shard = by_key[future.key]
+                if future.status == "finished":
+                    done = future.result()
+                else:
+                    done = failed_shard(job, shard, _failure(future))
+                progress(done.images, done.faces, done.failed)
+                future.release()
+        except BaseException:
+            client.cancel(futures)
+            raise
+        return EngineRun(len(info["workers"]), ready_at, time.perf_counter())
+
+
+def _failure(future) -> str:
+    try:
+        e = future.exception()
+    except Exception as e2:     # the future was cancelled, or its worker lost for good
+        e = e2
+    return f"failed on every try (Dask): {type(e).__name__}: {' '.join(str(e).split())}"[:300]

@@ -1,0 +1,134 @@
+"""What a worker process of any engine holds and runs: the nets, loaded once per process (the one
+piece of global state), and the shard function, which knows nothing of engines.
+
+Every engine calls `run_shard(job, shard)` in a worker process: the local pool in its own
+processes, Dask in its workers. A shard's records go to that shard's journal in OUTPUT_DIR, so
+what comes back to the engine is only a count of what was done.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from align.config import Config
+from align.dataset import Shard
+from align.records import StateDir
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """What every shard of a run shares: the options, the folders (the same paths on every
+    worker), and whether OUTPUT_DIR held facenet's outputs before our first run on it."""
+    config: Config
+    input_dir: Path
+    output_dir: Path
+    legacy_outputs: bool = False
+
+
+@dataclass(frozen=True)
+class ShardDone:
+    """What one run of a shard did: images aligned or recorded, faces written, failures."""
+    images: int = 0
+    faces: int = 0
+    failed: int = 0
+
+
+Progress = Callable[[int, int, int], None]      # (images, faces written, failures) so far
+Cancelled = Callable[[], bool]                  # True once the shard's results are not wanted
+
+_detector = None
+
+
+def configure_threads(threads: int, gpu_memory_fraction: float) -> None:
+    """Threads of this process's OpenCV and TensorFlow, and TF's GPU memory. Where TF has
+    already started in the process (a caller's script re-imported by spawn, say), it keeps
+    what it has."""
+    import cv2
+    import tensorflow as tf
+    cv2.setNumThreads(threads)
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    except RuntimeError:
+        pass
+    gpus = tf.config.list_physical_devices("GPU")
+    try:
+        for gpu in gpus:
+            tf.config.experimental.set_memory_growth(gpu, True)
+        if gpus and gpu_memory_fraction < 1:
+            # facenet's per_process_gpu_memory_fraction, as a limit on the logical device
+            totals = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                                    capture_output=True, text=True, check=True).stdout.split()
+            for gpu, total in zip(gpus, totals):
+                limit = int(float(total) * gpu_memory_fraction)
+                tf.config.set_logical_device_configuration(
+                    gpu, [tf.config.LogicalDeviceConfiguration(memory_limit=limit)])
+    except (OSError, ValueError, RuntimeError, subprocess.CalledProcessError):
+        pass
+
+
+class QuietStderr:
+    """Silence fd 2 while TensorFlow starts: it logs CUDA probing and oneDNN notices there
+    before any log level applies. Errors still raise, and print once fd 2 is back."""
+
+    def __enter__(self):
+        sys.stderr.flush()
+        self.saved = os.dup(2)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+
+    def __exit__(self, *exc):
+        os.dup2(self.saved, 2)
+        os.close(self.saved)
+
+
+def load_nets(threads: int = 1, gpu_memory_fraction: float = 1.0):
+    """This process's Detector, built and traced on the first call (TensorFlow on `threads`
+    threads); later calls return it as it is."""
+    global _detector
+    if _detector is None:
+        with QuietStderr():
+            configure_threads(threads, gpu_memory_fraction)
+            from align.detect import Detector
+            detector = Detector()
+            detector.warm_up()
+        _detector = detector
+    return _detector
+
+
+def run_shard(job: ShardJob, shard: Shard, progress: Progress | None = None,
+              cancelled: Cancelled | None = None) -> ShardDone:
+    """Align the shard's images that its journal lacks (or records as "error") into
+    job.output_dir; returns what this call did. `progress` hears of every batch once its
+    records are journaled; once `cancelled()` is true no further batch is written."""
+    from align.aligner import Aligner
+    aligner = Aligner(job.config, job.input_dir, job.output_dir,
+                      load_nets(1, job.config.gpu_memory_fraction))
+    done = [0, 0, 0]
+
+    def count(images: int, faces: int, failed: int) -> None:
+        done[0] += images
+        done[1] += faces
+        done[2] += failed
+        if progress:
+            progress(images, faces, failed)
+
+    journal = StateDir(job.output_dir).journal(shard.key)
+    aligner.run_shard(shard, journal, job.legacy_outputs, count, cancelled)
+    return ShardDone(*done)
+
+
+def failed_shard(job: ShardJob, shard: Shard, reason: str) -> ShardDone:
+    """Journal an "error" record (retried by the next run) for each image of a shard that its
+    journal lacks: what an engine does with a shard that failed on every try."""
+    from align.aligner import error_record
+    journal = StateDir(job.output_dir).journal(shard.key)
+    have = journal.load()
+    records = [error_record(t, job.config, reason) for t in shard.tasks if t.rel not in have]
+    journal.append(records)
+    return ShardDone(len(records), 0, len(records))
