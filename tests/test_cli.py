@@ -878,3 +878,40 @@ def test_workers_start_with_malloc_settings_and_the_caller_keeps_its_environment
     assert seen == [str(1 << 32), "12345"]
     assert "MALLOC_MMAP_THRESHOLD_" not in os.environ
     assert os.environ["MALLOC_TRIM_THRESHOLD_"] == "12345"
+
+
+def children_of(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = entry.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(entry.parent.name))
+    return out
+
+
+@pytest.mark.parametrize("moment", ["first_worker_exists", "workers_starting", "first_journal_line"])
+def test_no_process_outlives_a_killed_parent(big_dir, tmp_path, moment):
+    """kill -9 of the command (not its group) at any moment of start-up or work: within 2 s
+    none of its processes is left. A worker still starting Python when the parent died used to
+    wait START_WAIT_S (300 s), holding its nets."""
+    proc = start_align(big_dir, tmp_path / "out", "--workers", 2, "--quiet")
+    try:
+        if moment == "first_worker_exists":
+            wait_for(lambda: children_of(proc.pid), proc, "a worker was started", timeout=60)
+        elif moment == "workers_starting":
+            wait_for(lambda: len(live_group_members(proc.pid)) >= 3, proc, "the workers were started", timeout=60)
+            time.sleep(0.5)
+        else:
+            wait_for(lambda: journal_lines(tmp_path / "out") >= 1, proc, "a journal line was written")
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=30)
+        deadline = time.monotonic() + 2
+        while live_group_members(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        left = live_group_members(proc.pid)
+    finally:
+        kill_group(proc)
+    assert not left, f"processes alive 2 s after the parent was killed {moment}: {left}"

@@ -18,7 +18,7 @@ import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 
-from align.config import usable_cores
+from align.config import bounded_workers, usable_cores
 from align.dataset import Shard
 from align.engines import EngineRun, Interrupted, JobError
 from align.worker import Progress, ShardDone, ShardJob, load_nets, run_shard
@@ -36,19 +36,23 @@ _job: ShardJob | None = None
 _events = None
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(parent: int) -> None:
     """Linux: have the kernel kill this worker when the parent dies (kill -9 included), so no
-    orphan keeps writing into a folder that a rerun is already working on."""
+    orphan keeps writing into a folder that a rerun is already working on. The first thing a
+    worker does; a parent that died before it (while the worker was starting Python) is no
+    longer its parent, and then the worker exits at once."""
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
+    if os.getppid() != parent:
+        os._exit(1)
 
 
-def _init_worker(job: ShardJob, threads: int, events, start) -> None:
+def _init_worker(parent: int, job: ShardJob, threads: int, events, start) -> None:
     global _job, _events
+    _die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)    # the parent handles Ctrl-C
-    _die_with_parent()
     load_nets(threads, job.config.gpu_memory_fraction)
     _job, _events = job, events
     events.put(("ready", 0, 0, 0))
@@ -116,7 +120,9 @@ class LocalEngine:
     def run(self, job: ShardJob, shards: list[Shard], progress: Progress) -> EngineRun:
         ctx = mp.get_context("spawn")
         events = ctx.Queue()
-        workers = min(self.workers, len(shards))
+        workers, warning = bounded_workers(self.workers, len(shards))
+        if warning:
+            print(f"align_dataset: {warning}", file=sys.stderr, flush=True)
         threads = max(1, usable_cores() // workers)
         start, stop = ctx.Event(), threading.Event()
         ready: list[float] = []
@@ -124,7 +130,7 @@ class LocalEngine:
                                 daemon=True)
         pump.start()
         pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                                   initargs=(job, threads, events, start))
+                                   initargs=(os.getpid(), job, threads, events, start))
         previous_term = signal.signal(signal.SIGTERM, signal.default_int_handler)
         try:
             with worker_malloc_env():       # submit starts the workers (spawn: one each, on demand)
