@@ -7,6 +7,7 @@ Knows nothing of faces (align/aligner.py) or of where the shards run (align/engi
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import random
 import resource
@@ -38,6 +39,25 @@ def _check_dirs(input_dir: Path, output_dir: Path) -> None:
         raise OptionsError(f"INPUT_DIR {input_dir} is inside OUTPUT_DIR {output_dir}: pick another OUTPUT_DIR")
     if output_dir.exists() and not output_dir.is_dir():
         raise OptionsError(f"OUTPUT_DIR {output_dir} exists and is not a folder")
+    above = next((p for p in output_dir.absolute().parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise OptionsError(f"OUTPUT_DIR {output_dir} cannot be made: {above} is a file, not a folder")
+
+
+def _os_error(e: OSError, output_dir: Path) -> JobError:
+    """One line for a failure of the file system under the job (a read-only or full disk, a
+    file where a folder must go): what failed, on which path, and what to do."""
+    where = f" ({os.fsdecode(e.filename)})" if e.filename else ""
+    what = e.strerror or str(e)
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        todo = "free some space, then rerun the same command to resume"
+    elif e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        todo = f"OUTPUT_DIR {output_dir} must be writable: pick another or fix its permissions"
+    elif e.errno in (errno.EEXIST, errno.ENOTDIR):
+        todo = "a file is where a folder must go: move it away, then rerun"
+    else:
+        todo = "rerun the same command to resume once that is fixed"
+    return JobError(f"{what}{where}: {todo}")
 
 
 def _remove_stale_temporaries(output_dir: Path) -> None:
@@ -90,6 +110,9 @@ def align_dataset(input_dir, output_dir, config: Config | None = None, *, client
     connected distributed.Client as `client`). Returns the summary (also in
     OUTPUT_DIR/summary.json). Raises JobError when the job cannot start and Interrupted on
     Ctrl-C."""
+    for name, folder in (("input_dir", input_dir), ("output_dir", output_dir)):
+        if not isinstance(folder, (str, os.PathLike)):
+            raise TypeError(f"{name} must be a path (str or os.PathLike), not {type(folder).__name__}")
     config = dataclasses.replace(config or Config(), **options)
     t0 = time.perf_counter()
     engine = make_engine(config.engine, config.workers, config.scheduler, client)
@@ -98,14 +121,17 @@ def align_dataset(input_dir, output_dir, config: Config | None = None, *, client
     _check_dirs(input_dir, output_dir)
     verify_weights()        # once, here: not a fetch or a traceback in every worker
     state = StateDir(output_dir)
-    found_outputs = output_dir.is_dir() and any(output_dir.iterdir()) and not state.root.exists()
-    output_dir.mkdir(parents=True, exist_ok=True)
-    if not state.lock():
-        raise JobError(f"another align_dataset run is writing to {output_dir}; wait for it to finish")
     try:
-        return _run(config, engine, input_dir, output_dir, output_arg, state, found_outputs, t0)
-    finally:
-        state.unlock()
+        found_outputs = output_dir.is_dir() and any(output_dir.iterdir()) and not state.root.exists()
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if not state.lock():
+            raise JobError(f"another align_dataset run is writing to {output_dir}; wait for it to finish")
+        try:
+            return _run(config, engine, input_dir, output_dir, output_arg, state, found_outputs, t0)
+        finally:
+            state.unlock()
+    except OSError as e:        # the file system under OUTPUT_DIR: what is journaled is kept
+        raise _os_error(e, output_dir) from None
 
 
 def _run(config, engine, input_dir, output_dir, output_arg, state, found_outputs, t0) -> dict:
@@ -128,8 +154,12 @@ def _run(config, engine, input_dir, output_dir, output_arg, state, found_outputs
     _remove_stale_temporaries(output_dir)
 
     job = walk(input_dir)
-    for identity in {t.out_base.split("/")[0] for t in job.tasks}:
-        (output_dir / identity).mkdir(exist_ok=True)
+    for identity in sorted({t.out_base.split("/")[0] for t in job.tasks}):
+        folder = output_dir / identity
+        if folder.exists() and not folder.is_dir():
+            raise JobError(f"{folder} is a file, where identity {identity}'s thumbnails go: "
+                           f"move it away, then rerun the same command")
+        folder.mkdir(exist_ok=True)
     records = state.load_all()
     pending = [t for t in job.tasks if needs_work(records.get(t.rel))]
     del records

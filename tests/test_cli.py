@@ -915,3 +915,82 @@ def test_no_process_outlives_a_killed_parent(big_dir, tmp_path, moment):
     finally:
         kill_group(proc)
     assert not left, f"processes alive 2 s after the parent was killed {moment}: {left}"
+
+
+# --- set-up failures and a full disk: one Error line, never a traceback ------------------------
+
+def mount_tmpfs(where: Path, options: str) -> None:
+    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], check=True)
+
+
+def remount(where: Path, options: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,{options}", str(where)], check=True)
+
+
+root_only = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("mount"),
+                               reason="mounts a small tmpfs: needs root")
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    where = tmp_path / "fs"
+    where.mkdir()
+    yield where
+    subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def test_output_dir_under_a_file_is_a_usage_error(sample_dir, tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    p = run_align(sample_dir, tmp_path / "file" / "out", timeout=60)
+    assert p.returncode == 2, describe(p)
+    assert "is a file" in one_error_line(p)
+
+
+def test_identity_folder_that_is_a_file_is_one_error_line(sample_dir, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "Grace_Hopper").write_text("in the way")
+    p = run_align(sample_dir, out, "--workers", 1, timeout=120)
+    assert p.returncode == 1, describe(p)
+    line = one_error_line(p)
+    assert "Grace_Hopper" in line and "move it away" in line
+    assert (out / "Grace_Hopper").read_text() == "in the way"
+
+
+@root_only
+def test_read_only_output_dir_is_one_error_line(default_run, sample_dir, tmpfs):
+    """First run, and a rerun of a finished job, on a read-only file system."""
+    mount_tmpfs(tmpfs, "size=4m,ro")
+    p = run_align(sample_dir, tmpfs / "out", "--workers", 1, timeout=120)
+    assert p.returncode == 1, describe(p)
+    assert "Read-only file system" in one_error_line(p)
+    remount(tmpfs, "rw")
+    shutil.copytree(default_run[1], tmpfs / "out")
+    remount(tmpfs, "ro")
+    before = snapshot(tmpfs / "out")
+    p = run_align(sample_dir, tmpfs / "out", "--workers", 1, "--image_size", 160, timeout=120)
+    assert p.returncode == 1, describe(p)
+    assert "must be writable" in one_error_line(p)
+    assert snapshot(tmpfs / "out") == before
+
+
+@root_only
+def test_a_disk_that_fills_up_mid_run_then_the_rerun_completes(big_dir, reference_run, tmpfs):
+    mount_tmpfs(tmpfs, "size=600k")
+    p = run_align(big_dir, "out", "--workers", 2, "--quiet", cwd=tmpfs)
+    assert "Traceback" not in p.stderr, describe(p)
+    if p.returncode != 0:
+        assert p.returncode == 1 and "No space left" in one_error_line(p), describe(p)
+        assert "free some space" in p.stderr
+    else:
+        assert summary(tmpfs / "out")["errors"] > 0, "the disk did not fill up"
+    remount(tmpfs, "size=64m")
+    ok(run_align(big_dir, "out", "--workers", 2, "--quiet", cwd=tmpfs))
+    assert not list((tmpfs / "out").rglob(".*.tmp"))
+    # the same tree, but for the journals' "error" lines of the first run (state, not output)
+    ta, tb = (snapshot(o, ["processed_this_run"]) for o in (reference_run, tmpfs / "out"))
+    errors = [line for line in tb.pop(JOURNALS + "/*") if b'"status": "error"' in line]
+    assert errors or p.returncode == 1
+    ta.pop(JOURNALS + "/*")
+    assert sorted(ta) == sorted(tb)
+    assert [k for k in ta if ta[k] != tb[k]] == []

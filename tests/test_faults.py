@@ -122,3 +122,14 @@ def test_detect_multiple_faces_spellings(spelling, value, tmp_path):
     from align.cli import main
     ctx = main.make_context("align_dataset", [str(tmp_path), str(tmp_path / "out"), *filter(None, [spelling])])
     assert ctx.params["detect_multiple_faces"] is value
+
+
+@pytest.mark.parametrize("args", [(None, "out"), ("in", None), (3, "out")])
+def test_align_dataset_wants_paths(args, tmp_path, monkeypatch):
+    from align import align_dataset
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "None").mkdir()                 # what a None used to be taken for
+    (tmp_path / "in").mkdir()
+    with pytest.raises(TypeError, match="must be a path"):
+        align_dataset(*args)
+    assert not (tmp_path / "out").exists()
