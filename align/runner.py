@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from align.config import Config
+from align.config import FORMATS, Config
 from align.dataset import cut_shards, walk
 from align.durable import TEMP_PREFIX, TEMP_SUFFIX
 from align.engines import Interrupted, JobError, OptionsError, make_engine  # noqa: F401 (API)
@@ -65,6 +65,25 @@ def _remove_stale_temporaries(output_dir: Path) -> None:
     for folder in [output_dir, *(p for p in output_dir.iterdir() if p.is_dir())]:
         for tmp in folder.glob(f"{TEMP_PREFIX}*{TEMP_SUFFIX}"):
             tmp.unlink(missing_ok=True)
+
+
+def _remove_unjournaled_outputs(output_dir: Path, tasks) -> None:
+    """--overwrite: thumbnails a killed run renamed into place but did not journal yet are
+    not in the records the start-over deletes; remove every file named as some task's output
+    could be, under any option (`<out_base>[_<face>].<format>`)."""
+    stems: dict[str, set[str]] = {}
+    for t in tasks:
+        identity, stem = t.out_base.split("/", 1)
+        stems.setdefault(identity, set()).add(stem)
+    extensions = tuple("." + f for f in FORMATS)
+    for identity, names in stems.items():
+        for entry in os.scandir(output_dir / identity):
+            stem, ext = os.path.splitext(entry.name)
+            if ext not in extensions or not entry.is_file(follow_symlinks=False):
+                continue
+            base, _, face = stem.rpartition("_")
+            if stem in names or (face.isdigit() and face.isascii() and base in names):
+                os.unlink(entry.path)
 
 
 class _Progress:
@@ -160,6 +179,8 @@ def _run(config, engine, input_dir, output_dir, output_arg, state, found_outputs
             raise JobError(f"{folder} is a file, where identity {identity}'s thumbnails go: "
                            f"move it away, then rerun the same command")
         folder.mkdir(exist_ok=True)
+    if config.overwrite:
+        _remove_unjournaled_outputs(output_dir, job.tasks)
     records = state.load_all()
     pending = [t for t in job.tasks if needs_work(records.get(t.rel))]
     del records

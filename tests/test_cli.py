@@ -994,3 +994,25 @@ def test_a_disk_that_fills_up_mid_run_then_the_rerun_completes(big_dir, referenc
     ta.pop(JOURNALS + "/*")
     assert sorted(ta) == sorted(tb)
     assert [k for k in ta if ta[k] != tb[k]] == []
+
+
+def test_overwrite_after_a_killed_run_leaves_no_unjournaled_thumbnail(sample_dir, tmp_path):
+    """A --detect_multiple_faces run killed after renaming t1_0..t1_5 into place, before
+    journaling them; then --overwrite with the defaults: the tree is a clean run's."""
+    src = tmp_path / "in" / "Group"
+    src.mkdir(parents=True)
+    shutil.copyfile(sample(sample_dir, "t1.jpg"), src / "t1.jpg")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    ok(run_align(tmp_path / "in", "out", "--detect_multiple_faces", "--workers", 1, "--image_size", 32,
+                 "--quiet", cwd=tmp_path / "a"))
+    out = tmp_path / "a" / "out"
+    assert len(list((out / "Group").glob("t1_*.png"))) == 6
+    for journal in (out / ".align_dataset" / "journal").glob("*.jsonl"):   # what the kill left
+        journal.unlink()
+    for name in ("faces.jsonl", "bounding_boxes.txt", "summary.json"):
+        (out / name).unlink()
+    ok(run_align(tmp_path / "in", "out", "--overwrite", "--workers", 1, "--image_size", 32, "--quiet",
+                 cwd=tmp_path / "a"))
+    ok(run_align(tmp_path / "in", "out", "--workers", 1, "--image_size", 32, "--quiet", cwd=tmp_path / "b"))
+    assert_same_tree(tmp_path / "b" / "out", out)
