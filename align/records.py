@@ -8,6 +8,7 @@ OUTPUT_DIR/.align_dataset/ holds the run's state:
 From the journals, at the end of every run, come (written atomically, in input order):
   faces.jsonl           one record per input file
   bounding_boxes.txt    facenet's format: "<output path> x1 y1 x2 y2", or "<output path>" alone
+                        (no output path holds a line break: align/dataset.py's safe names)
   summary.json          counts and timings
 """
 from __future__ import annotations
