@@ -127,7 +127,8 @@ def run_to_end(src: Path, cwd: Path, workers: int, timeout: float) -> subprocess
                           text=True, errors="replace", timeout=timeout)
 
 
-def chaos(src: Path, cwd: Path, kills: int, workers: int, full_s: float, rng: random.Random) -> dict:
+def chaos(src: Path, cwd: Path, kills: int, workers: int, full_s: float, rng: random.Random,
+          latest: float = 0.6) -> dict:
     figures = {"kills": 0, "parent_kills": 0, "worker_kills": 0, "finished_before_kill": 0,
                "kills_survived": 0, "orphans": 0, "tracebacks": 0}
     for i in range(kills):
@@ -135,7 +136,7 @@ def chaos(src: Path, cwd: Path, kills: int, workers: int, full_s: float, rng: ra
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 errors="replace", start_new_session=True)
         # a random moment of the run: start-up included (the nets load in the first seconds)
-        deadline = time.monotonic() + rng.uniform(0.02, 0.6) * full_s
+        deadline = time.monotonic() + rng.uniform(0.02, latest) * full_s
         victim = "parent" if rng.random() < 0.5 else "worker"
         while time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.02)
@@ -204,6 +205,8 @@ def main() -> None:
     ap.add_argument("--kills", type=int, default=50)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--latest", type=float, default=0.6,
+                    help="kill at a moment up to this fraction of an uninterrupted run's time")
     ap.add_argument("--tmpfs", default="3m", help="size of the tmpfs that fills up (root only)")
     ap.add_argument("--no-tmpfs", action="store_true")
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
@@ -220,7 +223,8 @@ def main() -> None:
     reference = snapshot(work / "reference" / "out")
     print(f"uninterrupted run: {full_s:.0f} s", flush=True)
     (work / "chaos").mkdir()
-    figures = chaos(src, work / "chaos", args.kills, args.workers, full_s, random.Random(args.seed))
+    figures = chaos(src, work / "chaos", args.kills, args.workers, full_s, random.Random(args.seed),
+                    args.latest)
     differ = differences(reference, snapshot(work / "chaos" / "out"))
     figures["tree_identical"] = not differ
     figures["differing"] = differ[:10]

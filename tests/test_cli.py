@@ -996,23 +996,16 @@ def test_a_disk_that_fills_up_mid_run_then_the_rerun_completes(big_dir, referenc
     assert [k for k in ta if ta[k] != tb[k]] == []
 
 
-def test_overwrite_after_a_killed_run_leaves_no_unjournaled_thumbnail(sample_dir, tmp_path):
+def test_overwrite_after_a_killed_run_leaves_no_unjournaled_thumbnail(sample_dir, default_run, tmp_path):
     """A --detect_multiple_faces run killed after renaming t1_0..t1_5 into place, before
     journaling them; then --overwrite with the defaults: the tree is a clean run's."""
-    src = tmp_path / "in" / "Group"
-    src.mkdir(parents=True)
-    shutil.copyfile(sample(sample_dir, "t1.jpg"), src / "t1.jpg")
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    ok(run_align(tmp_path / "in", "out", "--detect_multiple_faces", "--workers", 1, "--image_size", 32,
-                 "--quiet", cwd=tmp_path / "a"))
-    out = tmp_path / "a" / "out"
+    ok(run_align(sample_dir, "out", "--detect_multiple_faces", "--workers", 1, "--image_size", 160,
+                 "--quiet", cwd=tmp_path))
+    out = tmp_path / "out"
     assert len(list((out / "Group").glob("t1_*.png"))) == 6
     for journal in (out / ".align_dataset" / "journal").glob("*.jsonl"):   # what the kill left
         journal.unlink()
     for name in ("faces.jsonl", "bounding_boxes.txt", "summary.json"):
         (out / name).unlink()
-    ok(run_align(tmp_path / "in", "out", "--overwrite", "--workers", 1, "--image_size", 32, "--quiet",
-                 cwd=tmp_path / "a"))
-    ok(run_align(tmp_path / "in", "out", "--workers", 1, "--image_size", 32, "--quiet", cwd=tmp_path / "b"))
-    assert_same_tree(tmp_path / "b" / "out", out)
+    ok(run_align(sample_dir, "out", "--overwrite", "--workers", 1, "--image_size", 160, cwd=tmp_path))
+    assert_same_tree(default_run[1], out)
