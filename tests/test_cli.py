@@ -704,7 +704,9 @@ def test_output_inside_input_is_a_usage_error(sample_dir):
                                         (["--thresholds", "0.6,0.7,1.5"], "--thresholds"),
                                         (["--format", "gif"], "--format"),
                                         (["--image_size", "0"], "--image_size"),
-                                        (["--workers", "0"], "--workers")])
+                                        (["--workers", "0"], "--workers"),
+                                        (["--image_size", "30000"], "image_size"),
+                                        (["--min_face_size", "inf"], "minsize")])
 def test_bad_option_is_a_usage_error(sample_dir, tmp_path, args, word):
     p = run_align(sample_dir, tmp_path / "out", *args, timeout=60)
     assert p.returncode == 2, describe(p)
