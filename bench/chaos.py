@@ -4,10 +4,12 @@ rerun after each kill, and compare the final tree with an uninterrupted run's, b
     .venv/bin/python bench/chaos.py                      # 2,000 photos (lfw_gwb x 4), 50 kills
     .venv/bin/python bench/chaos.py --photos 120 --kills 5 --no-tmpfs   # a small trial
 
-Counts: kills survived (the rerun after the kill ran without a traceback), trees identical
-(the final tree against the uninterrupted run's: thumbnails, faces.jsonl, bounding_boxes.txt,
-summary.json less its timings and run counters, the journals' lines; report.html ignored),
-orphans (processes of the run alive 2 s after its parent was killed). As root, --tmpfs also
+A trial is one OUTPUT_DIR, killed and rerun until a run finishes; then its tree is compared
+with the uninterrupted run's (thumbnails, faces.jsonl, bounding_boxes.txt, summary.json less
+its timings and run counters, the journals' lines; report.html ignored) and the next kill starts
+a new trial. Counts: kills survived (in trials whose tree came out identical, with no traceback
+anywhere), trees identical (of the trials), orphans (processes of the run alive 2 s after its
+parent ended: killed, or ended by the death of a worker). As root, --tmpfs also
 runs the job on a small tmpfs that fills up, is given room, and is rerun.
 """
 from __future__ import annotations
@@ -127,11 +129,30 @@ def run_to_end(src: Path, cwd: Path, workers: int, timeout: float) -> subprocess
                           text=True, errors="replace", timeout=timeout)
 
 
-def chaos(src: Path, cwd: Path, kills: int, workers: int, full_s: float, rng: random.Random,
-          latest: float = 0.6) -> dict:
-    figures = {"kills": 0, "parent_kills": 0, "worker_kills": 0, "finished_before_kill": 0,
-               "kills_survived": 0, "orphans": 0, "tracebacks": 0}
-    for i in range(kills):
+def chaos(src: Path, work: Path, kills: int, workers: int, full_s: float, rng: random.Random,
+          latest: float, reference: dict) -> dict:
+    """`kills` kills, each followed by a rerun (the next iteration's run). A trial is one
+    OUTPUT_DIR from its first run to a run that finishes; its tree is then compared with the
+    reference, and the next kill starts a new trial on a fresh OUTPUT_DIR."""
+    figures = {"kills": 0, "parent_kills": 0, "worker_kills": 0, "kills_survived": 0,
+               "orphans": 0, "tracebacks": 0, "trials": 0, "trees_identical": 0, "differing": []}
+    trial, killed_in_trial = 0, 0
+
+    def finish(proc_err: str) -> None:
+        nonlocal trial, killed_in_trial
+        tree = snapshot(work / f"trial{trial}" / "out")
+        differ = differences(reference, tree)
+        figures["trials"] += 1
+        figures["trees_identical"] += not differ
+        figures["differing"] += differ[:5]
+        figures["kills_survived"] += killed_in_trial if not differ and "Traceback" not in proc_err else 0
+        print(f"trial {trial}: {killed_in_trial} kills, tree {'identical' if not differ else differ[:3]}", flush=True)
+        shutil.rmtree(work / f"trial{trial}", ignore_errors=True)
+        trial, killed_in_trial = trial + 1, 0
+
+    while figures["kills"] < kills:
+        cwd = work / f"trial{trial}"
+        cwd.mkdir(exist_ok=True)
         proc = subprocess.Popen(command(src, "out", workers), cwd=cwd, env=env(),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 errors="replace", start_new_session=True)
@@ -140,10 +161,10 @@ def chaos(src: Path, cwd: Path, kills: int, workers: int, full_s: float, rng: ra
         victim = "parent" if rng.random() < 0.5 else "worker"
         while time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.02)
-        if proc.poll() is not None:
-            figures["finished_before_kill"] += 1
+        if proc.poll() is not None:          # the trial's job is done: compare, start another
             _, err = proc.communicate()
             figures["tracebacks"] += "Traceback" in err
+            finish(err)
             continue
         pool = workers_of(proc.pid)
         if victim == "worker" and pool:
@@ -156,24 +177,21 @@ def chaos(src: Path, cwd: Path, kills: int, workers: int, full_s: float, rng: ra
                 _, err = proc.communicate()
                 err += "\n(the run did not end within 120 s of its worker's death)"
             figures["tracebacks"] += "Traceback" in err
-            time.sleep(ORPHAN_WAIT_S)       # the parent has ended: nothing of it may be left
-            figures["orphans"] += len(group_members(proc.pid))
-            reap_group(proc.pid)
         else:
+            victim = "parent"
             os.kill(proc.pid, signal.SIGKILL)
             figures["parent_kills"] += 1
             proc.communicate()
-            time.sleep(ORPHAN_WAIT_S)
-            left = group_members(proc.pid)
-            figures["orphans"] += len(left)
-            reap_group(proc.pid)
+        time.sleep(ORPHAN_WAIT_S)           # the parent has ended: nothing of it may be left
+        figures["orphans"] += len(group_members(proc.pid))
+        reap_group(proc.pid)
         figures["kills"] += 1
-        print(f"kill {i + 1}/{kills}: {victim}", flush=True)
-        # the next iteration's run is this kill's rerun; the last kill's is the final run
-    final = run_to_end(src, cwd, workers, timeout=full_s * 10 + 600)
-    figures["final_exit"] = final.returncode
+        killed_in_trial += 1
+        print(f"kill {figures['kills']}/{kills}: {victim} (trial {trial})", flush=True)
+    final = run_to_end(src, work / f"trial{trial}", workers, timeout=full_s * 10 + 600)
     figures["tracebacks"] += "Traceback" in final.stderr
-    figures["kills_survived"] = figures["kills"] if final.returncode == 0 and not figures["tracebacks"] else 0
+    figures["final_exit"] = final.returncode
+    finish(final.stderr)
     return figures
 
 
@@ -222,12 +240,8 @@ def main() -> None:
     assert ref.returncode == 0, ref.stderr
     reference = snapshot(work / "reference" / "out")
     print(f"uninterrupted run: {full_s:.0f} s", flush=True)
-    (work / "chaos").mkdir()
-    figures = chaos(src, work / "chaos", args.kills, args.workers, full_s, random.Random(args.seed),
-                    args.latest)
-    differ = differences(reference, snapshot(work / "chaos" / "out"))
-    figures["tree_identical"] = not differ
-    figures["differing"] = differ[:10]
+    figures = chaos(src, work, args.kills, args.workers, full_s, random.Random(args.seed),
+                    args.latest, reference)
     figures.update(photos=n, uninterrupted_s=round(full_s, 1))
     if not args.no_tmpfs and os.geteuid() == 0:
         figures["full_disk"] = full_disk(src, work, args.workers, reference, args.tmpfs)
