@@ -95,6 +95,7 @@ class Config:
         if self.scheduler and self.engine != "dask":
             raise ValueError("a scheduler address is for the dask engine (--engine dask)")
         object.__setattr__(self, "thresholds", tuple(float(t) for t in self.thresholds))
+        object.__setattr__(self, "min_face_size", float(self.min_face_size))   # as the CLI gives it
         self.detect_params  # validates the detector's parameters too
 
     @property

@@ -139,7 +139,7 @@ def _run(config, engine, input_dir, output_dir, output_arg, state, found_outputs
     progress = _Progress(len(job.tasks), len(job.tasks) - len(pending), config.quiet)
     t_work = time.perf_counter()
     try:
-        ran = engine.run(ShardJob(config, input_dir, output_dir, legacy_outputs), shards,
+        ran = engine.run(ShardJob(config, input_dir.absolute(), output_dir.absolute(), legacy_outputs), shards,
                          progress.update) if shards else None
     finally:
         progress.close()
