@@ -60,7 +60,7 @@ class Config:
     gpu_memory_fraction: upper bound of GPU memory per worker process, when a GPU is used;
     workers: processes; min_face_size, thresholds, factor: the detector's (see DetectParams);
     format: of the thumbnails; overwrite: redo everything instead of resuming;
-    quiet: no progress output."""
+    quiet: no progress output; report: write OUTPUT_DIR/report.html at the end (align.report)."""
     image_size: int = 182
     margin: int = 44
     detect_multiple_faces: bool = False
@@ -73,6 +73,7 @@ class Config:
     format: str = "png"
     overwrite: bool = False
     quiet: bool = False
+    report: bool = True
 
     def __post_init__(self):
         if self.image_size < 1:

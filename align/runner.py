@@ -25,6 +25,7 @@ from pathlib import Path
 from align.config import Config, usable_cores
 from align.dataset import Shard, cut_shards, walk
 from align.records import StateDir, count, needs_work, write_results
+from align.report import report_or_warn
 from facenet_nets.weights import verify_weights
 from align.durable import TEMP_PREFIX, TEMP_SUFFIX
 
@@ -293,6 +294,7 @@ def _run(config, input_dir, output_dir, output_arg, state, found_outputs, t0) ->
         "peak_rss_mb": round(_peak_rss_mb(), 1),
     }
     write_results(output_dir, output_arg, ordered, summary)
+    report_or_warn(output_dir, config)
     return summary
 
 

@@ -139,7 +139,8 @@ JOURNALS = os.path.join(".align_dataset", "journal")
 
 def snapshot(out: Path, ignore_summary_keys=()) -> dict:
     """{relative path: content} of every file and folder under `out`: bytes for files, the
-    parsed summary.json less its timings (and `ignore_summary_keys`); the lock is left out.
+    parsed summary.json less its timings (and `ignore_summary_keys`); the lock is left out, and
+    report.html counts as present or not (its pictures are compared byte for byte).
     The journals count as one entry, their lines sorted: how a run cuts its shards (and so
     names its journals) depends on --workers and --random_order, what they record must not."""
     tree = {JOURNALS + "/*": []}
@@ -150,6 +151,9 @@ def snapshot(out: Path, ignore_summary_keys=()) -> dict:
             path = os.path.join(dirpath, name)
             rel = os.path.relpath(path, out)
             if rel == os.path.join(".align_dataset", "lock"):
+                continue
+            if rel == "report.html":    # shows the timings: its presence is compared, not its bytes
+                tree[rel] = "report"
                 continue
             data = Path(path).read_bytes()
             if os.path.dirname(rel) == JOURNALS:
