@@ -344,7 +344,7 @@ def bar_chart(title: str, labels: list[str], series: list[tuple[str, str, list[i
               xlabel: str, ylabel: str, stacked: bool = False) -> str:
     """An SVG bar chart: one group of bars per label, one bar per series (name, colour,
     values), side by side or stacked."""
-    width, height, left, right, top = 580, 300, 56, 12, 34
+    width, height, left, right, top = 560, 300, 56, 12, 34
     rotate = len(labels) * max((len(l) for l in labels), default=0) > 60
     bottom = 60 + (min(max((len(l) for l in labels), default=0), 24) * 5 if rotate else 0)
     plot_w, plot_h = width - left - right, height - top - 60

@@ -766,12 +766,13 @@ def test_help_shows_the_defaults():
 
 # --- 11. against facenet's own output on the dev set ---------------------------------------------
 
-def test_dev_set_aligned_like_facenet(tmp_path):
-    if not (DEV.is_dir() and DEV_REFERENCE.is_file()):
-        pytest.skip(f"{DEV} or {DEV_REFERENCE} is not here")
-    ok(run_align(DEV, tmp_path / "out", "--quiet", timeout=400))
+def test_dev_set_aligned_like_facenet(dev_run):
+    if not DEV_REFERENCE.is_file():
+        pytest.skip(f"{DEV_REFERENCE} is not here")
+    p, out = dev_run
+    ok(p)
     reference = {r["path"]: bool(r.get("align", {}).get("selected")) for r in read_jsonl(DEV_REFERENCE)}
-    ours = {r["input"]: r for r in records(tmp_path / "out")}
+    ours = {r["input"]: r for r in records(out)}
     assert set(reference) <= set(ours), sorted(set(reference) - set(ours))
     differ = sorted(p for p in reference if reference[p] != (ours[p]["status"] == "aligned"))
     agreement = 1 - len(differ) / len(reference)
@@ -782,7 +783,7 @@ def test_dev_set_aligned_like_facenet(tmp_path):
     for p, r in ours.items():
         if r["status"] == "aligned":
             for w in r["written"]:
-                assert (tmp_path / "out" / w["output"]).is_file()
+                assert (out / w["output"]).is_file()
 
 
 def test_long_names_align_or_fail_alone_and_are_retried(sample_dir, tmp_path):

@@ -6,7 +6,6 @@ The browser tests skip, saying why, where no Chromium starts (`.ci/run` installs
 """
 from __future__ import annotations
 
-import json
 import random
 import shutil
 import struct
@@ -24,7 +23,6 @@ from test_cli import ok, patched_png_header, read_jsonl, run_align, summary
 from align import report
 from align.crop import choose_faces
 
-DEV = SHARED / "faces" / "dev"
 SECTIONS = ["summary", "charts", "sample", "ambiguous", "no-face", "failed", "identities"]
 CHROMIUM = browser.find_chromium()
 needs_chromium = pytest.mark.skipif(
@@ -283,11 +281,11 @@ def test_a_failing_report_is_one_warning_and_loses_nothing(default_run, photos, 
     assert summary(copy)["images"] == 8
 
 
-@pytest.mark.skipif(not DEV.is_dir(), reason=f"{DEV} is absent (../shared beside the checkout)")
-def test_dev_set_report_renders_and_lists_the_ambiguous_photos(chromium, tmp_path):
-    p = ok(run_align(DEV, tmp_path / "out"))
+def test_dev_set_report_renders_and_lists_the_ambiguous_photos(dev_run, chromium):
+    p, out = dev_run
+    ok(p)
     assert "warn" not in p.stderr.lower(), p.stderr
-    page, facts = rendered(chromium, tmp_path / "out")
+    page, facts = rendered(chromium, out)
     assert_renders(page, facts)
     ambiguous = facts["text"]["ambiguous"]
     # the photos of several faces of similar size
@@ -297,9 +295,8 @@ def test_dev_set_report_renders_and_lists_the_ambiguous_photos(chromium, tmp_pat
         assert name in ambiguous, name
     for name in ("Barack_Obama/obama.jpg", "insightface_attr_1423/1423.jpg"):    # a small face aside
         assert name not in ambiguous, name
-    records = read_jsonl(tmp_path / "out" / "faces.jsonl")
+    records = read_jsonl(out / "faces.jsonl")
     listed = [r for r in records if r["input"] in ambiguous]
     assert listed and all(len(r["faces"]) > 1 for r in listed)
     no_face = [r["input"] for r in records if r["status"] == "no_face"]
     assert no_face and all(n in facts["text"]["no-face"] for n in no_face)
-    (tmp_path / "ambiguous.json").write_text(json.dumps(sorted(r["input"] for r in listed)))
