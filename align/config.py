@@ -63,7 +63,8 @@ class Config:
     format: of the thumbnails; overwrite: redo everything instead of resuming;
     quiet: no progress output; engine: where the shards run ("local": a process pool here,
     "dask": a Dask cluster); scheduler: the Dask scheduler's address (None: the
-    DASK_SCHEDULER_ADDRESS environment variable, else a LocalCluster of `workers` processes)."""
+    DASK_SCHEDULER_ADDRESS environment variable, else a LocalCluster of `workers` processes);
+    report: write OUTPUT_DIR/report.html at the end (align.report)."""
     image_size: int = 182
     margin: int = 44
     detect_multiple_faces: bool = False
@@ -78,6 +79,7 @@ class Config:
     quiet: bool = False
     engine: str = "local"
     scheduler: str | None = None
+    report: bool = True
 
     def __post_init__(self):
         if self.image_size < 1:
