@@ -1,6 +1,7 @@
 # make align   aligns a small real sample (or INPUT=... OUTPUT=...)
 # make test    runs the whole suite
-# make bench   measures photos/s against facenet's original loop (DATA=... picks the folder)
+# make bench   measures photos/s against facenet's original loop (DATA=... picks the folder;
+#              ENGINE=dask also runs the dask engine on a LocalCluster, beside the local one)
 # Each makes its own virtualenv (.venv) and installs what it needs.
 
 PYTHON ?= python3
@@ -10,6 +11,7 @@ SAMPLE := sample
 INPUT  ?= $(SAMPLE)
 OUTPUT ?= $(SAMPLE)_aligned
 DATA   ?= $(SAMPLE)
+ENGINE ?= local
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
 .PHONY: align test bench weights venv clean
@@ -38,7 +40,7 @@ test: venv weights
 	$(PY) -m pytest -q
 
 bench: venv weights $(if $(filter $(SAMPLE),$(DATA)),$(SAMPLE_STAMP))
-	$(PY) bench/bench.py $(DATA)
+	$(PY) bench/bench.py $(DATA) --engine $(ENGINE)
 
 clean:
 	rm -rf $(VENV) $(SAMPLE) $(SAMPLE)_aligned $(SAMPLE_STAMP) bench/out

@@ -5,6 +5,7 @@ writing a batch behind it, each on a thread of its own, so the nets wait for nei
 """
 from __future__ import annotations
 
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
@@ -30,9 +31,13 @@ class ShardCancelled(Exception):
 
 
 def _read(path: Path) -> tuple[np.ndarray | None, str | None, str | None]:
-    """(image, None, None), or (None, status, reason) when it cannot be used now."""
+    """(image, None, None), or (None, status, reason) when it cannot be used now. PIL's
+    warnings about the file (a decompression bomb, corrupt EXIF) are not printed: what they
+    mean is in the record. (Only the shard's one reader thread calls this.)"""
     try:
-        return decode_image(path), None, None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return decode_image(path), None, None
     except UnreadableImage as e:
         if is_transient(e):     # vanished, not readable now, an I/O error: retried
             return None, "error", str(e)

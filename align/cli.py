@@ -58,6 +58,15 @@ class _Command(click.Command):
             sys.exit(130)
 
 
+def _version() -> str:
+    """The installed package's version (its metadata); a checkout that is not installed says so."""
+    from importlib import metadata
+    try:
+        return metadata.version("align-dataset")
+    except metadata.PackageNotFoundError:
+        return "(not installed: a source checkout)"
+
+
 def _thresholds(ctx, param, value: str) -> tuple[float, float, float]:
     try:
         t = tuple(float(v) for v in value.replace(",", " ").split())
@@ -108,12 +117,17 @@ def _opt(*names, **kw):
 @_opt("--format", "fmt", type=click.Choice(FORMATS), default=DEFAULTS.format, help="Thumbnail format.")
 @_opt("--overwrite", is_flag=True, default=False, help="Start over instead of resuming.")
 @_opt("--quiet", "-q", is_flag=True, default=False, help="Print nothing but errors.")
+@click.option("--report/--no-report", default=DEFAULTS.report, show_default=True,
+              help="Write OUTPUT_DIR/report.html (open it in a browser) at the end of the run.")
+@click.version_option(_version(), "--version", prog_name="align_dataset",
+                      message="%(prog)s %(version)s")
 def main(input_dir, output_dir, fmt, **options):
     """Detect, crop and resize the faces of INPUT_DIR/<identity>/<image> into
     OUTPUT_DIR/<identity>/<stem>.png, as facenet's align_dataset_mtcnn.py does.
 
     A killed run resumes where it stopped when the same command runs again.
-    Records: OUTPUT_DIR/faces.jsonl, bounding_boxes.txt, summary.json."""
+    Records: OUTPUT_DIR/faces.jsonl, bounding_boxes.txt, summary.json; OUTPUT_DIR/report.html
+    shows them with pictures."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from align.runner import Interrupted, JobError, OptionsError, align_dataset
     from facenet_nets.weights import WeightsError
@@ -132,7 +146,7 @@ def main(input_dir, output_dir, fmt, **options):
         click.echo(f"\nInterrupted. Run the same command again to resume:\n  {_command_line()}", err=True)
         sys.exit(130)
     if not options["quiet"]:
-        _print_summary(summary)
+        _print_summary(summary, options["report"])
 
 
 def _command_line() -> str:
@@ -142,12 +156,15 @@ def _command_line() -> str:
     return " ".join(shlex.quote(a) for a in ["align_dataset", *args])
 
 
-def _print_summary(s: dict) -> None:
+def _print_summary(s: dict, report_written: bool) -> None:
     rate = f"{s['images_per_s']} images/s" if s["images_per_s"] else "nothing left to do"
     errors = f", {s['errors']} failed (retried by the next run)" if s["errors"] else ""
     click.echo(f"{s['images']} images: {s['aligned']} aligned, {s['no_face']} no face, "
                f"{s['unreadable']} unreadable, {s['skipped']} skipped{errors}; {s['faces_written']} "
                f"faces written in {s['wall_s']:.1f} s ({rate}). Records: {s['output_dir']}/faces.jsonl")
+    report = os.path.join(s["output_dir"], "report.html")
+    if report_written and os.path.isfile(report):
+        click.echo(f"Report: {report} (open it in a browser)")
 
 
 if __name__ == "__main__":

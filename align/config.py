@@ -83,7 +83,8 @@ class Config:
     format: of the thumbnails; overwrite: redo everything instead of resuming;
     quiet: no progress output; engine: where the shards run ("local": a process pool here,
     "dask": a Dask cluster); scheduler: the Dask scheduler's address (None: the
-    DASK_SCHEDULER_ADDRESS environment variable, else a LocalCluster of `workers` processes)."""
+    DASK_SCHEDULER_ADDRESS environment variable, else a LocalCluster of `workers` processes);
+    report: write OUTPUT_DIR/report.html at the end (align.report)."""
     image_size: int = 182
     margin: int = 44
     detect_multiple_faces: bool = False
@@ -98,6 +99,7 @@ class Config:
     quiet: bool = False
     engine: str = "local"
     scheduler: str | None = None
+    report: bool = True
 
     def __post_init__(self):
         if not 1 <= self.image_size <= MAX_IMAGE_SIZE:
@@ -115,6 +117,7 @@ class Config:
         if self.scheduler and self.engine != "dask":
             raise ValueError("a scheduler address is for the dask engine (--engine dask)")
         object.__setattr__(self, "thresholds", tuple(float(t) for t in self.thresholds))
+        object.__setattr__(self, "min_face_size", float(self.min_face_size))   # as the CLI gives it
         self.detect_params  # validates the detector's parameters too
 
     @property

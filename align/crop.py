@@ -14,11 +14,17 @@ def choose_faces(boxes: np.ndarray, image_hw: tuple[int, int], multiple: bool) -
         return []
     if multiple or n == 1:
         return list(range(n))
+    return [int(np.argmax(choice_values(boxes, image_hw)))]
+
+
+def choice_values(boxes: np.ndarray, image_hw: tuple[int, int]) -> np.ndarray:
+    """facenet's value of each face (N,), pixels² of the input image: box area - 2 * squared
+    distance of the box centre from the image centre. The largest is the face written."""
     h, w = image_hw
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     dx = (boxes[:, 0] + boxes[:, 2]) / 2 - w / 2
     dy = (boxes[:, 1] + boxes[:, 3]) / 2 - h / 2
-    return [int(np.argmax(area - 2.0 * (dx ** 2 + dy ** 2)))]
+    return area - 2.0 * (dx ** 2 + dy ** 2)
 
 
 def crop_box(box: np.ndarray, image_hw: tuple[int, int], margin: int) -> tuple[int, int, int, int]:

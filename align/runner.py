@@ -20,6 +20,7 @@ from align.dataset import cut_shards, walk
 from align.durable import TEMP_PREFIX, TEMP_SUFFIX
 from align.engines import Interrupted, JobError, OptionsError, make_engine  # noqa: F401 (API)
 from align.records import StateDir, count, needs_work, write_results
+from align.report import report_or_warn
 from align.worker import ShardJob
 from facenet_nets.weights import verify_weights
 
@@ -190,7 +191,7 @@ def _run(config, engine, input_dir, output_dir, output_arg, state, found_outputs
     progress = _Progress(len(job.tasks), len(job.tasks) - len(pending), config.quiet)
     t_work = time.perf_counter()
     try:
-        ran = engine.run(ShardJob(config, input_dir, output_dir, legacy_outputs), shards,
+        ran = engine.run(ShardJob(config, input_dir.absolute(), output_dir.absolute(), legacy_outputs), shards,
                          progress.update) if shards else None
     finally:
         progress.close()
@@ -217,4 +218,5 @@ def _run(config, engine, input_dir, output_dir, output_arg, state, found_outputs
         "peak_rss_mb": round(_peak_rss_mb(), 1),
     }
     write_results(output_dir, output_arg, ordered, summary)
+    report_or_warn(output_dir, config)
     return summary

