@@ -30,7 +30,7 @@ from align.durable import TEMP_PREFIX, TEMP_SUFFIX
 
 # options whose change changes the output: a resumed run must use the same ones
 OUTPUT_OPTIONS = ("image_size", "margin", "detect_multiple_faces", "min_face_size",
-                  "thresholds", "factor", "format")
+                  "thresholds", "factor", "format", "align")
 LOG_EVERY_S = 10.0
 START_WAIT_S = 300.0    # how long a ready worker waits for the others before it starts anyway
 
