@@ -239,3 +239,28 @@ def test_public_names():
     assert align.warp_face is warp.warp_face
     assert align.estimate_similarity is warp.estimate_similarity
     assert {"warp_face", "estimate_similarity"} <= set(align.__all__)
+
+
+def test_the_aligner_skips_a_face_whose_landmarks_coincide(sample_images, detector, tmp_path):
+    """Landmarks that fix no transform write nothing for that face (never a NaN warp); the
+    other faces of the photo are written as usual."""
+    from align.aligner import Aligner
+    from align.config import Config
+    from align.dataset import Task
+    from align.detect import Faces
+    image = sample_images["t1.jpg"]
+    found = detector.detect(image)
+    landmarks = found.landmarks.copy()
+    landmarks[1] = landmarks[1].mean(axis=0)            # face 1: five times the same point
+    faces = Faces(found.boxes, found.scores, landmarks)
+    (tmp_path / "Group").mkdir()
+    aligner = Aligner(Config(align="arcface", detect_multiple_faces=True), tmp_path, tmp_path, detector)
+    record = aligner._aligned(Task("Group/t1.jpg", "Group/t1"), image, faces)
+    assert record["status"] == "aligned"
+    assert [w["face"] for w in record["written"]] == [0, 2, 3, 4, 5]
+    assert sorted(p.name for p in (tmp_path / "Group").iterdir()) == ["t1_0.png", "t1_2.png", "t1_3.png",
+                                                                      "t1_4.png", "t1_5.png"]
+    one = Faces(found.boxes[1:2], found.scores[1:2], landmarks[1:2])
+    record = aligner._aligned(Task("Group/t1.jpg", "Group/t1"), image, one)
+    assert (record["status"], record["written"]) == ("no_face", [])
+    assert "landmarks" in record["reason"]
