@@ -1,6 +1,7 @@
 # make align   aligns a small real sample (or INPUT=... OUTPUT=...)
 # make test    runs the whole suite
-# make bench   measures photos/s against facenet's original loop (DATA=... picks the folder)
+# make bench   measures photos/s against facenet's original loop (DATA=... picks the folder;
+#              BENCH_ARGS=--arcface times --align arcface beside it)
 # Each makes its own virtualenv (.venv) and installs what it needs.
 
 PYTHON ?= python3
@@ -38,7 +39,7 @@ test: venv weights
 	$(PY) -m pytest -q
 
 bench: venv weights $(if $(filter $(SAMPLE),$(DATA)),$(SAMPLE_STAMP))
-	$(PY) bench/bench.py $(DATA)
+	$(PY) bench/bench.py $(DATA) $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) $(SAMPLE) $(SAMPLE)_aligned $(SAMPLE_STAMP) bench/out

@@ -1,6 +1,7 @@
 """Photos per second of align_dataset against facenet's original loop, on one folder.
 
-Usage: python bench/bench.py DATA [--rounds 3]      (make bench DATA=...)
+Usage: python bench/bench.py DATA [--rounds 3] [--arcface]
+       (make bench DATA=... BENCH_ARGS=--arcface)
 
 DATA is a folder in LFW layout (DATA/<identity>/<photos>). Measured on the same photos:
 
@@ -12,6 +13,11 @@ DATA is a folder in LFW layout (DATA/<identity>/<photos>). Measured on the same 
   align_dataset        `align_dataset DATA OUT --image_size 160 --margin 44 --overwrite
                        --quiet` in a process of its own, with the threads it chooses; its
                        numbers are read from OUT/summary.json.
+
+  --align arcface      with --arcface: `align_dataset DATA OUT --align arcface --overwrite
+                       --quiet` (112 px warps onto the ArcFace template) in the same rounds,
+                       beside the box mode above; its photos/s and the ratio to box mode are
+                       printed too.
 
 and for each a detect-only figure: every photo decoded first (as facenet decodes), then only
 the detector is timed (facenet: detect_face per photo; ours: Detector.detect_batch over chunks
@@ -57,7 +63,8 @@ OUT_DIR = BENCH / "out"
 CHUNK = 64                   # photos per detect_batch call in ours' detect-only pass
 TIMEOUT_S = 3 * 3600         # per process
 ALIGN_ARGS = ["--image_size", "160", "--margin", "44", "--overwrite", "--quiet"]
-FACENET, OURS = "facenet 1.0.5 loop", "align_dataset"
+ARCFACE_ARGS = ["--align", "arcface", "--overwrite", "--quiet"]
+FACENET, OURS, ARCFACE = "facenet 1.0.5 loop", "align_dataset", "align_dataset --align arcface"
 
 
 # ---------------------------------------------------------------- the machine
@@ -178,9 +185,9 @@ def run_facenet(data: Path, work: Path) -> dict:
     return run
 
 
-def run_ours(data: Path, work: Path) -> dict:
+def run_ours(data: Path, work: Path, args: list[str] = ALIGN_ARGS) -> dict:
     out = work / "ours"
-    run = run_child(align_command() + [str(data), str(out)] + ALIGN_ARGS, work / "ours.log")
+    run = run_child(align_command() + [str(data), str(out)] + args, work / "ours.log")
     s = read_json(out / "summary.json")
     per_s = s.get("images_per_s")
     if per_s is None and s.get("images") and s.get("processing_s"):
@@ -239,12 +246,15 @@ def detect_only_ours(input_dir: str, json_path: str) -> None:
 
 # ---------------------------------------------------------------- rounds and the report
 
-def one_round(index: int, data: Path, work: Path) -> dict:
-    """facenet then ours in odd rounds (1, 3, ...), ours then facenet in even ones."""
+def one_round(index: int, data: Path, work: Path, arcface: bool = False) -> dict:
+    """facenet then ours (then ours --align arcface) in odd rounds (1, 3, ...), the reverse
+    order in even ones."""
     def ours() -> dict:
         return {**run_ours(data, work), "detect_only": run_ours_detect(data, work)}
 
     steps = [(FACENET, lambda: run_facenet(data, work)), (OURS, ours)]
+    if arcface:
+        steps.append((ARCFACE, lambda: run_ours(data, work, ARCFACE_ARGS)))
     if index % 2:
         steps.reverse()
     result = {"round": index + 1, "order": [name for name, _ in steps]}
@@ -279,12 +289,24 @@ def summarise(rounds: list[dict]) -> dict:
             "written": pick([r.get("written") for r in e2e], max),
             "failed_runs": sum(r.get("exit_code") != 0 for r in e2e + det),
         }
+    if ARCFACE in rounds[0]:
+        e2e = [r[ARCFACE] for r in rounds]
+        best[ARCFACE] = {
+            "e2e_per_s": pick([r.get("e2e_per_s") for r in e2e], max),
+            "e2e_peak_rss_mb": pick([r.get("e2e_peak_rss_mb") for r in e2e], max),
+            "wall_s": pick([r.get("wall_s") for r in e2e], min),
+            "written": pick([r.get("written") for r in e2e], max),
+            "failed_runs": sum(r.get("exit_code") != 0 for r in e2e),
+        }
     busy = [r.get("other_cores_busy") for r in (e for rd in rounds for e in
-            (rd[FACENET], rd[OURS], rd[OURS]["detect_only"]))]
+            (rd[FACENET], rd[OURS], rd[OURS]["detect_only"], *([rd[ARCFACE]] if ARCFACE in rd else [])))]
     best["max_other_cores_busy"] = pick(busy, max)
     f, o = best[FACENET], best[OURS]
     best["ratio"] = {k: (round(o[k] / f[k], 2) if o[k] and f[k] else None)
                      for k in ("e2e_per_s", "detect_per_s")}
+    if ARCFACE in best:
+        a = best[ARCFACE]["e2e_per_s"]
+        best["ratio"]["arcface_to_box"] = round(a / o["e2e_per_s"], 2) if a and o["e2e_per_s"] else None
     return best
 
 
@@ -310,13 +332,19 @@ def table(report: dict) -> str:
     r = best["ratio"]
     lines.append(f"{'ratio ours/facenet':22} {fmt(r['e2e_per_s'], 'x', 11, 2)} "
                  f"{fmt(r['detect_per_s'], 'x', 12, 2)}")
+    if ARCFACE in best:
+        a = best[ARCFACE]
+        lines.append(f"{'ours --align arcface':22} {fmt(a['e2e_per_s'], ' /s', 11)} {'':12}   "
+                     f"{fmt(a['e2e_peak_rss_mb'], '', 6, 0)}   (112 px warps; "
+                     f"{fmt(r.get('arcface_to_box'), 'x', 0, 2)} box mode's photos/s, "
+                     f"{a['written']} thumbnails)")
     f, o = best[FACENET], best[OURS]
     lines.append(f"whole run, model loading included: {FACENET} {fmt(f['wall_s'], ' s', 0)}, "
                  f"{OURS} {fmt(o['wall_s'], ' s', 0)} (process wall {fmt(o['process_wall_s'], ' s', 0)})")
     lines.append(f"thumbnails written: {FACENET} {f['written']}, {OURS} {o['written']}"
                  f" (of {report['photos']} photos; images counted: {f['photos']} / {o['photos']})")
-    for name in (FACENET, OURS):
-        if best[name]["failed_runs"]:
+    for name in (FACENET, OURS, ARCFACE):
+        if name in best and best[name]["failed_runs"]:
             lines.append(f"WARNING: {best[name]['failed_runs']} run(s) of {name} failed; see "
                          f"'error' in 'runs' of the JSON report")
     if (best["max_other_cores_busy"] or 0) > 0.1:
@@ -334,14 +362,16 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def bench(data: Path, rounds: int) -> dict:
+def bench(data: Path, rounds: int, arcface: bool = False) -> dict:
     photos = len(facenet_loop.list_images(data))
     report = {"data": str(data), "photos": photos, "rounds": rounds, "machine": machine(),
               "commands": {FACENET: "bench/facenet_loop.py DATA OUT --json RESULT",
                            OURS: " ".join(align_command() + ["DATA", "OUT"] + ALIGN_ARGS)},
               "chunk": CHUNK, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    if arcface:
+        report["commands"][ARCFACE] = " ".join(align_command() + ["DATA", "OUT"] + ARCFACE_ARGS)
     with tempfile.TemporaryDirectory(prefix="align-bench-") as tmp:
-        report["runs"] = [one_round(i, data, Path(tmp)) for i in range(rounds)]
+        report["runs"] = [one_round(i, data, Path(tmp), arcface) for i in range(rounds)]
     report["best"] = summarise(report["runs"])
     return report
 
@@ -350,6 +380,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("data", nargs="?", help="folder in LFW layout: DATA/<identity>/<photos>")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--arcface", action="store_true",
+                    help="also time align_dataset --align arcface in each round, beside box mode")
     ap.add_argument("--detect-only-ours", nargs=2, metavar=("INPUT", "RESULT_JSON"),
                     help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -361,7 +393,7 @@ def main(argv=None) -> int:
     if args.rounds < 1:
         ap.error("--rounds must be >= 1")
     data = Path(args.data).resolve()
-    report = bench(data, args.rounds)
+    report = bench(data, args.rounds, args.arcface)
     print(table(report))
     OUT_DIR.mkdir(exist_ok=True)
     path = OUT_DIR / f"bench-{data.name}.json"
