@@ -7,8 +7,15 @@ OUTPUT_DIR/.align_dataset/ holds the run's state:
                         renamed into place (fsync'ed); a torn last line is dropped on reading
 From the journals, at the end of every run, come (written atomically, in input order):
   faces.jsonl           one record per input file
-  bounding_boxes.txt    facenet's format: "<output path> x1 y1 x2 y2", or "<output path>" alone
+  bounding_boxes.txt    facenet's format: "<output path> x1 y1 x2 y2" (a written face's
+                        crop_box), or "<output path>" alone (an image without a face)
   summary.json          counts and timings
+Each written face's record: "face" (its index in "faces"), "output", and "crop_box": the part of
+the input the thumbnail shows, integer pixel edges (left, top, right, bottom) clipped to the
+image: with --align box facenet's margin box, the very pixels cropped; with --align arcface the
+smallest box of whole input pixels that holds the (rotated) square the thumbnail was warped
+from. --align arcface adds "matrix", 2x3, mapping input pixels to thumbnail pixels
+([u, v] = M @ [x, y, 1]), and "template", the name of the template ("arcface").
 """
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ from facenet_nets.weights import verify_weights
 
 # options whose change changes the output: a resumed run must use the same ones
 OUTPUT_OPTIONS = ("image_size", "margin", "detect_multiple_faces", "min_face_size",
-                  "thresholds", "factor", "format")
+                  "thresholds", "factor", "format", "align")
 LOG_EVERY_S = 10.0
 
 
@@ -113,6 +113,8 @@ def _run(config, engine, input_dir, output_dir, output_arg, state, found_outputs
     options = {k: getattr(config, k) for k in OUTPUT_OPTIONS}
     options["thresholds"] = list(options["thresholds"])
     previous = state.options()
+    if previous is not None:
+        previous.setdefault("align", "box")     # a run begun before --align existed
     if config.overwrite:
         for record in state.load_all().values():     # start over: what we wrote goes too
             for written in record.get("written", ()):
