@@ -15,9 +15,14 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import tempfile
 from pathlib import Path
+from typing import Iterable, Iterator, Sequence
 
-from align.durable import write_atomic
+import numpy as np
+
+from align.dataset import Shard, Task
+from align.durable import atomic_file, write_atomic
 
 STATE = ".align_dataset"
 # "error": a failure that says nothing about the file (out of memory, a full disk, a name too
@@ -41,12 +46,19 @@ class Journal:
         self.path = path
 
     def load(self) -> dict[str, dict]:
-        """{input path: record} of the complete lines; cuts a torn tail off the file."""
-        records, good = {}, 0
+        """{input path: record} of the complete lines (a later line for an input replaces an
+        earlier one); cuts a torn tail off the file."""
+        return {record["input"]: record for _, _, record in self.entries()}
+
+    def entries(self) -> list[tuple[int, bytes, dict]]:
+        """(byte offset, line, record) of each complete line, in file order; cuts a torn tail
+        (a last line without its newline, or a line that is not JSON, and all after it) off
+        the file."""
+        entries, good = [], 0
         try:
             data = self.path.read_bytes()
         except FileNotFoundError:
-            return records
+            return entries
         for line in data.splitlines(keepends=True):
             if not line.endswith(b"\n"):
                 break
@@ -54,12 +66,12 @@ class Journal:
                 record = json.loads(line)
             except ValueError:
                 break
-            records[record["input"]] = record
+            entries.append((good, line, record))
             good += len(line)
         if good != len(data):
             with open(self.path, "r+b") as f:
                 f.truncate(good)
-        return records
+        return entries
 
     def append(self, records: list[dict]) -> None:
         if not records:
@@ -96,12 +108,23 @@ class StateDir:
     def journal(self, shard_key: str) -> Journal:
         return Journal(self.journals / f"{shard_key}.jsonl")
 
+    def journal_paths(self) -> list[Path]:
+        """Every journal, in the order their records are combined."""
+        return sorted(self.journals.glob("*.jsonl"))
+
+    def each_record(self) -> Iterator[dict]:
+        """Every record of every journal (an input's overridden ones too), one journal in
+        memory at a time."""
+        for path in self.journal_paths():
+            yield from Journal(path).load().values()
+
     def load_all(self) -> dict[str, dict]:
         """{input path: record} over every journal. An input can have records in two
         journals when runs cut their shards differently: an "error" in one and the retry's
-        outcome in another. The one that needs no more work wins."""
+        outcome in another. The one that needs no more work wins. (All in memory: a run
+        uses RecordIndex, which applies the same rule.)"""
         records = {}
-        for path in sorted(self.journals.glob("*.jsonl")):
+        for path in self.journal_paths():
             for rel, record in Journal(path).load().items():
                 if needs_work(records.get(rel)):
                     records[rel] = record
@@ -139,18 +162,154 @@ def bounding_box_lines(record: dict, output_dir: str) -> list[str]:
     return []
 
 
-def write_results(output_dir: Path, output_dir_arg: str, records: list[dict], summary: dict) -> None:
-    """faces.jsonl, bounding_boxes.txt and summary.json, each written atomically."""
-    write_atomic(output_dir / "faces.jsonl",
-                 "".join(dumps(r) + "\n" for r in records).encode("utf-8", "surrogateescape"))
-    lines = [line for r in records for line in bounding_box_lines(r, output_dir_arg)]
-    write_atomic(output_dir / "bounding_boxes.txt", "".join(lines).encode("utf-8", "surrogateescape"))
+_NONE = -1                                      # RecordIndex.status of an input without a record
+_CODE = {status: code for code, status in enumerate(STATUSES)}
+_TO_DO = [_NONE] + [_CODE[s] for s in STATUSES if needs_work({"status": s})]
+MAX_OPEN_JOURNALS = 64                          # file handles the merge keeps open
+
+
+class RecordIndex:
+    """Where the record of each task of a job lies, for millions of tasks: per task (its index
+    in `tasks`) a status code, its faces written, the record's line in a journal (file number,
+    byte offset, length) and its bounding_boxes.txt lines in a spool file (offset, length).
+    Numpy arrays, about 50 bytes a task; records are parsed once, when their journal is
+    scanned, and the merge copies bytes. The spool is an unnamed temporary file in the
+    state folder (gone with the process)."""
+
+    def __init__(self, tasks: Sequence[Task], state: StateDir, output_dir_arg: str):
+        self.tasks, self.state, self.output_dir_arg = tasks, state, output_dir_arg
+        n = len(tasks)
+        hashes = np.fromiter((hash(t.rel) for t in tasks), np.int64, n)
+        self._order = np.argsort(hashes, kind="stable")     # tasks by hash of rel: the lookup
+        self._hashes = hashes[self._order]
+        self.status = np.full(n, _NONE, np.int8)
+        self.faces = np.zeros(n, np.int32)
+        self.journal = np.full(n, -1, np.int32)
+        self.offset = np.zeros(n, np.int64)
+        self.length = np.zeros(n, np.int32)
+        self.spool_offset = np.zeros(n, np.int64)
+        self.spool_length = np.zeros(n, np.int32)
+        self.paths: list[str] = []                  # journal numbers -> paths
+        self._path_numbers: dict[str, int] = {}
+        self._spool = tempfile.TemporaryFile(dir=state.root)
+        self._spool_size = 0
+        self.extra_statuses: dict[str, int] = {}    # statuses this version does not know
+
+    def scan(self) -> None:
+        """Every journal, combined as StateDir.load_all combines them: in a journal the last
+        line for an input counts; across journals, a record replaces one that needs work.
+        Cuts torn tails as Journal.load does."""
+        for path in self.state.journal_paths():
+            for i, entry in self._read(path).items():
+                if self.status[i] in _TO_DO:
+                    self._set(i, *entry)
+
+    def update(self, shards: Iterable[Shard]) -> None:
+        """What a run's shards did: each task of `shards` takes the last record for it in
+        its shard's journal (the run's own outcome, even where an older journal holds
+        another "error" for it)."""
+        for shard in shards:
+            entries = self._read(self.state.journals / f"{shard.key}.jsonl")
+            for t in shard.tasks:
+                i = self._find(t.rel)
+                if i in entries:
+                    self._set(i, *entries[i])
+
+    def pending(self) -> list[Task]:
+        """The tasks that need work (needs_work), in input order."""
+        return [self.tasks[i] for i in np.flatnonzero(np.isin(self.status, _TO_DO))]
+
+    def counts(self) -> dict:
+        """{status: inputs} over STATUSES, and faces_written."""
+        found = np.bincount(self.status[self.status >= 0], minlength=len(STATUSES) + len(self.extra_statuses))
+        counts = {s: int(found[_CODE[s]]) for s in STATUSES}
+        counts.update((s, int(found[code])) for s, code in self.extra_statuses.items())
+        counts["faces_written"] = int(self.faces[self.status >= 0].sum())
+        return counts
+
+    def merge(self, output_dir: Path) -> dict:
+        """faces.jsonl (each task's journal line, as it is) and bounding_boxes.txt, in input
+        order, each written atomically; returns counts(). Closes the spool. Raises
+        RuntimeError when a task has no record (a run that ended without finishing it)."""
+        missing = np.flatnonzero(self.status == _NONE)
+        if len(missing):
+            raise RuntimeError(f"{len(missing)} inputs have no record, {self.tasks[missing[0]].rel} "
+                               f"the first")
+        self._spool.flush()
+        spool = self._spool.fileno()
+        journals: dict[int, int] = {}               # journal number -> open fd
+        try:
+            with atomic_file(output_dir / "faces.jsonl", 1 << 20) as faces, \
+                    atomic_file(output_dir / "bounding_boxes.txt", 1 << 20) as boxes:
+                for j, offset, length, s_offset, s_length in zip(
+                        self.journal.tolist(), self.offset.tolist(), self.length.tolist(),
+                        self.spool_offset.tolist(), self.spool_length.tolist()):
+                    fd = journals.get(j)
+                    if fd is None:
+                        if len(journals) >= MAX_OPEN_JOURNALS:
+                            for fd in journals.values():
+                                os.close(fd)
+                            journals.clear()
+                        fd = journals[j] = os.open(self.paths[j], os.O_RDONLY)
+                    faces.write(_pread(fd, length, offset))
+                    if s_length:
+                        boxes.write(_pread(spool, s_length, s_offset))
+        finally:
+            for fd in journals.values():
+                os.close(fd)
+            self._spool.close()
+        return self.counts()
+
+    def _find(self, rel: str) -> int | None:
+        """The index of the task whose rel is `rel`; None when no task has it."""
+        h = hash(rel)
+        pos = int(np.searchsorted(self._hashes, h))
+        while pos < len(self._hashes) and self._hashes[pos] == h:
+            i = int(self._order[pos])
+            if self.tasks[i].rel == rel:
+                return i
+            pos += 1
+        return None
+
+    def _read(self, path: Path) -> dict[int, tuple]:
+        """{task index: (status code, faces, journal number, offset, length, spool offset,
+        spool length)} of the last line for each of the job's inputs in the journal at
+        `path`; its bounding_boxes.txt lines go to the spool."""
+        key = str(path)
+        number = self._path_numbers.get(key)
+        if number is None:
+            number = self._path_numbers[key] = len(self.paths)
+            self.paths.append(key)
+        latest: dict[int, tuple] = {}
+        for offset, line, record in Journal(path).entries():
+            i = self._find(record["input"])
+            if i is None:
+                continue                            # an input gone from INPUT_DIR since
+            boxes = "".join(bounding_box_lines(record, self.output_dir_arg)).encode("utf-8", "surrogateescape")
+            self._spool.write(boxes)
+            latest[i] = (self._code(record["status"]), len(record.get("written", ())), number,
+                         offset, len(line), self._spool_size, len(boxes))
+            self._spool_size += len(boxes)
+        return latest
+
+    def _code(self, status: str) -> int:
+        code = _CODE.get(status)
+        if code is None:
+            code = self.extra_statuses.setdefault(status, len(STATUSES) + len(self.extra_statuses))
+        return code
+
+    def _set(self, i: int, status, faces, journal, offset, length, s_offset, s_length) -> None:
+        self.status[i], self.faces[i], self.journal[i] = status, faces, journal
+        self.offset[i], self.length[i] = offset, length
+        self.spool_offset[i], self.spool_length[i] = s_offset, s_length
+
+
+def _pread(fd: int, length: int, offset: int) -> bytes:
+    data = os.pread(fd, length, offset)
+    if len(data) != length:
+        raise RuntimeError(f"a journal changed while its records were merged (fd {fd})")
+    return data
+
+
+def write_summary(output_dir: Path, summary: dict) -> None:
     write_atomic(output_dir / "summary.json", (json.dumps(summary, indent=1) + "\n").encode())
-
-
-def count(records: list[dict]) -> dict:
-    counts = {s: 0 for s in STATUSES}
-    for r in records:
-        counts[r["status"]] += 1
-    counts["faces_written"] = sum(len(r.get("written", ())) for r in records)
-    return counts

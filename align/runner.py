@@ -24,7 +24,7 @@ from pathlib import Path
 
 from align.config import Config, usable_cores
 from align.dataset import Shard, cut_shards, walk
-from align.records import StateDir, count, needs_work, write_results
+from align.records import RecordIndex, StateDir, write_summary
 from facenet_nets.weights import verify_weights
 from align.durable import TEMP_PREFIX, TEMP_SUFFIX
 
@@ -241,7 +241,7 @@ def _run(config, input_dir, output_dir, output_arg, state, found_outputs, t0) ->
     options["thresholds"] = list(options["thresholds"])
     previous = state.options()
     if config.overwrite:
-        for record in state.load_all().values():     # start over: what we wrote goes too
+        for record in state.each_record():           # start over: what we wrote goes too
             for written in record.get("written", ()):
                 (output_dir / written["output"]).unlink(missing_ok=True)
         state.reset()
@@ -258,8 +258,9 @@ def _run(config, input_dir, output_dir, output_arg, state, found_outputs, t0) ->
     job = walk(input_dir)
     for identity in {t.out_base.split("/")[0] for t in job.tasks}:
         (output_dir / identity).mkdir(exist_ok=True)
-    records = state.load_all()
-    pending = [t for t in job.tasks if needs_work(records.get(t.rel))]
+    index = RecordIndex(job.tasks, state, output_arg)     # where each task's record lies
+    index.scan()
+    pending = index.pending()
     if config.random_order:
         random.shuffle(pending)
     todo = cut_shards(pending, config.workers)
@@ -269,13 +270,13 @@ def _run(config, input_dir, output_dir, output_arg, state, found_outputs, t0) ->
     t_work = time.perf_counter()
     try:
         workers, t_done = _run_pool(config, input_dir, output_dir, todo, legacy_outputs, progress,
-                                    ready, records) if todo else (0, None)
+                                    ready, None) if todo else (0, None)
     finally:
         progress.close()
     t_end = time.perf_counter()
 
-    ordered = [records[t.rel] for t in job.tasks]
-    counts = count(ordered)
+    index.update(todo)
+    counts = index.merge(output_dir)        # faces.jsonl and bounding_boxes.txt, in input order
     # from every worker holding its nets (they start together) to the last shard's records
     processing_s = (t_done or t_end) - (max(ready) if ready else t_work)
     summary = {
@@ -292,7 +293,7 @@ def _run(config, input_dir, output_dir, output_arg, state, found_outputs, t0) ->
         "images_per_s": round(len(pending) / processing_s, 2) if processing_s > 0 else None,
         "peak_rss_mb": round(_peak_rss_mb(), 1),
     }
-    write_results(output_dir, output_arg, ordered, summary)
+    write_summary(output_dir, summary)
     return summary
 
 
@@ -336,8 +337,7 @@ def _run_pool(config, input_dir, output_dir, todo, legacy_outputs, progress, rea
         while futures:
             finished, futures = wait(futures, timeout=0.5, return_when=FIRST_COMPLETED)
             for f in finished:
-                for r in f.result():
-                    records[r["input"]] = r
+                f.result()                  # raises a shard's error; its records are in its journal
         t_done = time.perf_counter()
     except KeyboardInterrupt:
         # the workers ignore SIGINT; the executor has no public way to stop running tasks
