@@ -162,35 +162,32 @@ def bounding_box_lines(record: dict, output_dir: str) -> list[str]:
     return []
 
 
-_NONE = -1                                      # RecordIndex.status of an input without a record
+_NONE = -1                                      # the status of an input without a record
 _CODE = {status: code for code, status in enumerate(STATUSES)}
 _TO_DO = [_NONE] + [_CODE[s] for s in STATUSES if needs_work({"status": s})]
+# per task: status code, faces written, the record's line (journal number, byte offset,
+# length), its bounding_boxes.txt lines in the spool (byte offset, length)
+ROW = np.dtype([("status", "i1"), ("faces", "i4"), ("journal", "i4"), ("offset", "i8"),
+                ("length", "i4"), ("spool_offset", "i8"), ("spool_length", "i4")])
 MAX_OPEN_JOURNALS = 64                          # file handles the merge keeps open
+MERGE_CHUNK = 1 << 16                           # tasks the merge takes from the arrays at once
 
 
 class RecordIndex:
-    """Where the record of each task of a job lies, for millions of tasks: per task (its index
-    in `tasks`) a status code, its faces written, the record's line in a journal (file number,
-    byte offset, length) and its bounding_boxes.txt lines in a spool file (offset, length).
-    Numpy arrays, about 50 bytes a task; records are parsed once, when their journal is
-    scanned, and the merge copies bytes. The spool is an unnamed temporary file in the
-    state folder (gone with the process)."""
+    """Where the record of each task of a job lies, for millions of tasks: a ROW per task (in
+    the order of `tasks`), 33 bytes, and a lookup from input path to task of 16 bytes a task.
+    Records are parsed once, when their journal is scanned; their bounding_boxes.txt lines
+    go to a spool (an unnamed temporary file in the state folder, gone with the process);
+    the merge copies bytes."""
 
     def __init__(self, tasks: Sequence[Task], state: StateDir, output_dir_arg: str):
         self.tasks, self.state, self.output_dir_arg = tasks, state, output_dir_arg
-        n = len(tasks)
-        hashes = np.fromiter((hash(t.rel) for t in tasks), np.int64, n)
+        hashes = np.fromiter((hash(t.rel) for t in tasks), np.int64, len(tasks))
         self._order = np.argsort(hashes, kind="stable")     # tasks by hash of rel: the lookup
         self._hashes = hashes[self._order]
-        self.status = np.full(n, _NONE, np.int8)
-        self.faces = np.zeros(n, np.int32)
-        self.journal = np.full(n, -1, np.int32)
-        self.offset = np.zeros(n, np.int64)
-        self.length = np.zeros(n, np.int32)
-        self.spool_offset = np.zeros(n, np.int64)
-        self.spool_length = np.zeros(n, np.int32)
+        self.rows = np.zeros(len(tasks), ROW)
+        self.rows["status"] = _NONE
         self.paths: list[str] = []                  # journal numbers -> paths
-        self._path_numbers: dict[str, int] = {}
         self._spool = tempfile.TemporaryFile(dir=state.root)
         self._spool_size = 0
         self.extra_statuses: dict[str, int] = {}    # statuses this version does not know
@@ -200,68 +197,75 @@ class RecordIndex:
         line for an input counts; across journals, a record replaces one that needs work.
         Cuts torn tails as Journal.load does."""
         for path in self.state.journal_paths():
-            for i, entry in self._read(path).items():
-                if self.status[i] in _TO_DO:
-                    self._set(i, *entry)
+            found, rows = self._read(path)
+            take = np.isin(self.rows["status"][found], _TO_DO)
+            self.rows[found[take]] = rows[take]
 
     def update(self, shards: Iterable[Shard]) -> None:
         """What a run's shards did: each task of `shards` takes the last record for it in
         its shard's journal (the run's own outcome, even where an older journal holds
         another "error" for it)."""
         for shard in shards:
-            entries = self._read(self.state.journals / f"{shard.key}.jsonl")
-            for t in shard.tasks:
-                i = self._find(t.rel)
-                if i in entries:
-                    self._set(i, *entries[i])
+            found, rows = self._read(self.state.journal(shard.key).path)
+            take = np.isin(found, [i for i in self._find_all([t.rel for t in shard.tasks]) if i is not None])
+            self.rows[found[take]] = rows[take]
 
     def pending(self) -> list[Task]:
         """The tasks that need work (needs_work), in input order."""
-        return [self.tasks[i] for i in np.flatnonzero(np.isin(self.status, _TO_DO))]
+        return [self.tasks[i] for i in np.flatnonzero(np.isin(self.rows["status"], _TO_DO)).tolist()]
 
     def counts(self) -> dict:
-        """{status: inputs} over STATUSES, and faces_written."""
-        found = np.bincount(self.status[self.status >= 0], minlength=len(STATUSES) + len(self.extra_statuses))
+        """{status: inputs} over STATUSES (and any other status found), and faces_written."""
+        status = self.rows["status"]
+        found = np.bincount(status[status >= 0], minlength=len(STATUSES) + len(self.extra_statuses))
         counts = {s: int(found[_CODE[s]]) for s in STATUSES}
         counts.update((s, int(found[code])) for s, code in self.extra_statuses.items())
-        counts["faces_written"] = int(self.faces[self.status >= 0].sum())
+        counts["faces_written"] = int(self.rows["faces"][status >= 0].sum())
         return counts
 
     def merge(self, output_dir: Path) -> dict:
         """faces.jsonl (each task's journal line, as it is) and bounding_boxes.txt, in input
         order, each written atomically; returns counts(). Closes the spool. Raises
         RuntimeError when a task has no record (a run that ended without finishing it)."""
-        missing = np.flatnonzero(self.status == _NONE)
+        missing = np.flatnonzero(self.rows["status"] == _NONE)
         if len(missing):
             raise RuntimeError(f"{len(missing)} inputs have no record, {self.tasks[missing[0]].rel} "
                                f"the first")
         self._spool.flush()
         spool = self._spool.fileno()
         journals: dict[int, int] = {}               # journal number -> open fd
+        where = ["journal", "offset", "length", "spool_offset", "spool_length"]
         try:
             with atomic_file(output_dir / "faces.jsonl", 1 << 20) as faces, \
                     atomic_file(output_dir / "bounding_boxes.txt", 1 << 20) as boxes:
-                for j, offset, length, s_offset, s_length in zip(
-                        self.journal.tolist(), self.offset.tolist(), self.length.tolist(),
-                        self.spool_offset.tolist(), self.spool_length.tolist()):
-                    fd = journals.get(j)
-                    if fd is None:
-                        if len(journals) >= MAX_OPEN_JOURNALS:
-                            for fd in journals.values():
-                                os.close(fd)
-                            journals.clear()
-                        fd = journals[j] = os.open(self.paths[j], os.O_RDONLY)
-                    faces.write(_pread(fd, length, offset))
-                    if s_length:
-                        boxes.write(_pread(spool, s_length, s_offset))
+                for start in range(0, len(self.rows), MERGE_CHUNK):
+                    for j, offset, length, s_offset, s_length in self.rows[where][start:start + MERGE_CHUNK].tolist():
+                        fd = journals.get(j)
+                        if fd is None:
+                            if len(journals) >= MAX_OPEN_JOURNALS:
+                                for fd in journals.values():
+                                    os.close(fd)
+                                journals.clear()
+                            fd = journals[j] = os.open(self.paths[j], os.O_RDONLY)
+                        faces.write(_pread(fd, length, offset))
+                        if s_length:
+                            boxes.write(_pread(spool, s_length, s_offset))
         finally:
             for fd in journals.values():
                 os.close(fd)
             self._spool.close()
         return self.counts()
 
+    def _find_all(self, rels: list[str]) -> list[int | None]:
+        """The index of the task of each input path; None for a path no task has."""
+        if not len(self._hashes):
+            return [None] * len(rels)
+        hashes = np.fromiter(map(hash, rels), np.int64, len(rels))
+        pos = np.minimum(np.searchsorted(self._hashes, hashes), len(self._hashes) - 1)
+        return [i if self.tasks[i].rel == rel else self._find(rel)
+                for rel, i in zip(rels, self._order[pos].tolist())]
+
     def _find(self, rel: str) -> int | None:
-        """The index of the task whose rel is `rel`; None when no task has it."""
         h = hash(rel)
         pos = int(np.searchsorted(self._hashes, h))
         while pos < len(self._hashes) and self._hashes[pos] == h:
@@ -271,18 +275,14 @@ class RecordIndex:
             pos += 1
         return None
 
-    def _read(self, path: Path) -> dict[int, tuple]:
-        """{task index: (status code, faces, journal number, offset, length, spool offset,
-        spool length)} of the last line for each of the job's inputs in the journal at
-        `path`; its bounding_boxes.txt lines go to the spool."""
-        key = str(path)
-        number = self._path_numbers.get(key)
-        if number is None:
-            number = self._path_numbers[key] = len(self.paths)
-            self.paths.append(key)
+    def _read(self, path: Path) -> tuple[np.ndarray, np.ndarray]:
+        """(task indices, their ROWs) of the last line for each of the job's inputs in the
+        journal at `path`; their bounding_boxes.txt lines go to the spool."""
+        number = len(self.paths)
+        self.paths.append(str(path))
+        entries = Journal(path).entries()
         latest: dict[int, tuple] = {}
-        for offset, line, record in Journal(path).entries():
-            i = self._find(record["input"])
+        for (offset, line, record), i in zip(entries, self._find_all([r["input"] for _, _, r in entries])):
             if i is None:
                 continue                            # an input gone from INPUT_DIR since
             boxes = "".join(bounding_box_lines(record, self.output_dir_arg)).encode("utf-8", "surrogateescape")
@@ -290,18 +290,13 @@ class RecordIndex:
             latest[i] = (self._code(record["status"]), len(record.get("written", ())), number,
                          offset, len(line), self._spool_size, len(boxes))
             self._spool_size += len(boxes)
-        return latest
+        return np.fromiter(latest, np.int64, len(latest)), np.array(list(latest.values()), ROW)
 
     def _code(self, status: str) -> int:
         code = _CODE.get(status)
         if code is None:
             code = self.extra_statuses.setdefault(status, len(STATUSES) + len(self.extra_statuses))
         return code
-
-    def _set(self, i: int, status, faces, journal, offset, length, s_offset, s_length) -> None:
-        self.status[i], self.faces[i], self.journal[i] = status, faces, journal
-        self.offset[i], self.length[i] = offset, length
-        self.spool_offset[i], self.spool_length[i] = s_offset, s_length
 
 
 def _pread(fd: int, length: int, offset: int) -> bytes:

@@ -318,8 +318,9 @@ def _worker_malloc_env():
 
 def _run_pool(config, input_dir, output_dir, todo, legacy_outputs, progress, ready,
               records) -> tuple[int, float]:
-    """Run the shards on a pool of workers, their records into `records`; returns how many
-    workers it started and when (perf_counter) the last shard's records came in."""
+    """Run the shards on a pool of workers (each shard's records go to its journal; `records`
+    is unused); returns how many workers it started and when (perf_counter) the last shard's
+    records came in."""
     ctx = mp.get_context("spawn")
     events = ctx.Queue()
     workers = min(config.workers, len(todo))
