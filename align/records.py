@@ -27,6 +27,7 @@ from align.durable import atomic_file, write_atomic
 STATE = ".align_dataset"
 # "error": a failure that says nothing about the file (out of memory, a full disk, a name too
 # long for the file system): recorded with its reason, and retried by the next run
+_SCAN = json.JSONDecoder().scan_once       # json.loads' parser, less its checks around the value
 STATUSES = ("aligned", "no_face", "unreadable", "not_an_image", "skipped_existing", "error")
 
 
@@ -59,13 +60,25 @@ class Journal:
             data = self.path.read_bytes()
         except FileNotFoundError:
             return entries
+        # json.loads(line) for each line, as one scan of the file's text where the file is
+        # ASCII (as dumps writes it) and the line starts as a record does: a third faster
+        text = data.decode("ascii") if data.isascii() else None
         for line in data.splitlines(keepends=True):
             if not line.endswith(b"\n"):
                 break
-            try:
-                record = json.loads(line)
-            except ValueError:
-                break
+            record = None
+            if text is not None and line.startswith(b'{"'):
+                try:
+                    record, end = _SCAN(text, good)
+                    if end != good + len(line) - 1:     # not one value and its newline
+                        record = None
+                except (ValueError, StopIteration):
+                    record = None
+            if record is None:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    break
             entries.append((good, line, record))
             good += len(line)
         if good != len(data):
@@ -155,7 +168,7 @@ def bounding_box_lines(record: dict, output_dir: str) -> list[str]:
     """facenet's bounding_boxes.txt lines for one record (none for inputs that are not
     images or that could not be read: facenet printed an error and wrote nothing)."""
     if record["status"] == "aligned":
-        return [f"{os.path.join(output_dir, w['output'])} {' '.join(str(v) for v in w['crop_box'])}\n"
+        return [f"{os.path.join(output_dir, w['output'])} {' '.join(map(str, w['crop_box']))}\n"
                 for w in record["written"]]
     if record["status"] == "no_face":
         return [f"{os.path.join(output_dir, record['output'])}\n"]
@@ -232,29 +245,42 @@ class RecordIndex:
             raise RuntimeError(f"{len(missing)} inputs have no record, {self.tasks[missing[0]].rel} "
                                f"the first")
         self._spool.flush()
-        spool = self._spool.fileno()
         journals: dict[int, int] = {}               # journal number -> open fd
-        where = ["journal", "offset", "length", "spool_offset", "spool_length"]
         try:
-            with atomic_file(output_dir / "faces.jsonl", 1 << 20) as faces, \
-                    atomic_file(output_dir / "bounding_boxes.txt", 1 << 20) as boxes:
-                for start in range(0, len(self.rows), MERGE_CHUNK):
-                    for j, offset, length, s_offset, s_length in self.rows[where][start:start + MERGE_CHUNK].tolist():
-                        fd = journals.get(j)
-                        if fd is None:
-                            if len(journals) >= MAX_OPEN_JOURNALS:
-                                for fd in journals.values():
-                                    os.close(fd)
-                                journals.clear()
-                            fd = journals[j] = os.open(self.paths[j], os.O_RDONLY)
-                        faces.write(_pread(fd, length, offset))
-                        if s_length:
-                            boxes.write(_pread(spool, s_length, s_offset))
+            with atomic_file(output_dir / "faces.jsonl", 1 << 20) as faces:
+                for j, offset, length in self._runs("journal", "offset", "length"):
+                    fd = journals.get(j)
+                    if fd is None:
+                        if len(journals) >= MAX_OPEN_JOURNALS:
+                            for fd in journals.values():
+                                os.close(fd)
+                            journals.clear()
+                        fd = journals[j] = os.open(self.paths[j], os.O_RDONLY)
+                    faces.write(_pread(fd, length, offset))
+            with atomic_file(output_dir / "bounding_boxes.txt", 1 << 20) as boxes:
+                spool = self._spool.fileno()
+                for _, offset, length in self._runs(None, "spool_offset", "spool_length"):
+                    boxes.write(_pread(spool, length, offset))
         finally:
             for fd in journals.values():
                 os.close(fd)
             self._spool.close()
         return self.counts()
+
+    def _runs(self, file: str | None, offset: str, length: str) -> Iterator[tuple[int, int, int]]:
+        """(file, offset, length) of the byte ranges that hold the tasks' entries in input
+        order: one range for each run of entries that lie one after the other in one file
+        (a shard's records, in a job's first run)."""
+        for start in range(0, len(self.rows), MERGE_CHUNK):
+            rows = self.rows[start:start + MERGE_CHUNK]
+            files = rows[file] if file else np.zeros(len(rows), np.int32)
+            offsets, ends = rows[offset], rows[offset] + rows[length]
+            new = np.ones(len(rows), bool)
+            new[1:] = (files[1:] != files[:-1]) | (offsets[1:] != ends[:-1])
+            starts = np.flatnonzero(new)
+            stops = np.append(starts[1:], len(rows)) - 1
+            yield from zip(files[starts].tolist(), offsets[starts].tolist(),
+                           (ends[stops] - offsets[starts]).tolist())
 
     def _find_all(self, rels: list[str]) -> list[int | None]:
         """The index of the task of each input path; None for a path no task has."""
@@ -282,14 +308,16 @@ class RecordIndex:
         self.paths.append(str(path))
         entries = Journal(path).entries()
         latest: dict[int, tuple] = {}
+        spooled = []
         for (offset, line, record), i in zip(entries, self._find_all([r["input"] for _, _, r in entries])):
             if i is None:
                 continue                            # an input gone from INPUT_DIR since
             boxes = "".join(bounding_box_lines(record, self.output_dir_arg)).encode("utf-8", "surrogateescape")
-            self._spool.write(boxes)
+            spooled.append(boxes)
             latest[i] = (self._code(record["status"]), len(record.get("written", ())), number,
                          offset, len(line), self._spool_size, len(boxes))
             self._spool_size += len(boxes)
+        self._spool.write(b"".join(spooled))
         return np.fromiter(latest, np.int64, len(latest)), np.array(list(latest.values()), ROW)
 
     def _code(self, status: str) -> int:

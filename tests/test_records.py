@@ -10,7 +10,7 @@ import pickle
 import pytest
 
 from align.dataset import Shard, Task, walk
-from align.records import STATUSES, RecordIndex, StateDir, bounding_box_lines, dumps
+from align.records import STATUSES, Journal, RecordIndex, StateDir, bounding_box_lines, dumps
 
 OUTPUT_ARG = "~/out dir/é"      # as the user typed it: bounding_boxes.txt repeats it
 
@@ -40,6 +40,24 @@ def merged(state: StateDir, tasks: list[Task], run: list[Shard] = ()) -> tuple[b
     index.update(run)
     counts = index.merge(out)
     return (out / "faces.jsonl").read_bytes(), (out / "bounding_boxes.txt").read_bytes(), counts
+
+
+def reference_journal_load(path) -> dict[str, dict]:
+    """Journal.load as it was: json.loads of each line, until the first that is torn."""
+    records, good = {}, 0
+    data = path.read_bytes()
+    for line in data.splitlines(keepends=True):
+        if not line.endswith(b"\n"):
+            break
+        try:
+            record = json.loads(line)
+        except ValueError:
+            break
+        records[record["input"]] = record
+        good += len(line)
+    with open(path, "r+b") as f:
+        f.truncate(good)
+    return records
 
 
 # --- hand-made journals -----------------------------------------------------------------------------
@@ -199,3 +217,32 @@ def test_task_keeps_its_fields_through_pickle_and_compares_by_value(tmp_path):
         assert hash(pickle.loads(pickle.dumps(t))) == hash(t)
     assert other.out_base == "elsewhere/x" and other != tasks[0]
     assert not hasattr(tasks[0], "__dict__")
+
+
+A = '{"input": "p/a.jpg", "status": "aligned", "written": []}'
+B = '{"input": "p/b.jpg", "status": "no_face", "written": []}'
+
+
+@pytest.mark.parametrize("text", [
+    f"{A}\n{B}\n",
+    f"{A}  \n{B}\n",                              # trailing blanks: json.loads takes them
+    f" {A}\n\t{B}\n",                             # leading blanks too
+    f"{A} x\n{B}\n",                               # but not what follows the value
+    f'{A}\n{{"input": "p/c.jpg", "x": [1,\n2]}}\n{B}\n',   # a value over two lines
+    f'{A}\n{{"input": "p/\u00e9.jpg", "status": "aligned"}}\n{B}\n',   # not ASCII
+    f'{A}\n{{"input": "p/c.jpg", "status": "ali\x00\x00\x00\x00\n{B}\n',  # zeros of a crash
+    f"{A}\n{B}",                                   # torn tail
+    f"{A}\n[1, 2]\n",                             # JSON, not a record: both fail alike
+])
+def test_journal_reads_each_line_as_json_loads_does(tmp_path, text):
+    ours, theirs = tmp_path / "ours.jsonl", tmp_path / "theirs.jsonl"
+    for path in (ours, theirs):
+        path.write_bytes(text.encode("utf-8"))
+    try:
+        expected = reference_journal_load(theirs)
+    except TypeError:                               # a line that is JSON but no record
+        with pytest.raises(TypeError):
+            Journal(ours).load()
+        return
+    assert Journal(ours).load() == expected
+    assert ours.read_bytes() == theirs.read_bytes()  # cut at the same place
