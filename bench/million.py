@@ -121,19 +121,19 @@ def parts(root: Path) -> dict:
     from align.records import RecordIndex, StateDir
 
     out = {"rss_start_mb": rss_mb()[0]}
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     tasks = walk(root / "input").tasks
-    out["walk_s"] = time.perf_counter() - t0
+    out["walk_s"], out["walk_cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
     out["rss_after_walk_mb"] = rss_mb()[0]
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     index = RecordIndex(tasks, StateDir(root / "output"), str(root / "output"))
     index.scan()
     pending = index.pending()
-    out["scan_s"] = time.perf_counter() - t0
+    out["scan_s"], out["scan_cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
     out["rss_after_scan_mb"] = rss_mb()[0]
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     out["counts"] = index.merge(root / "output")
-    out["merge_s"] = time.perf_counter() - t0
+    out["merge_s"], out["merge_cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
     out["tasks"], out["pending"] = len(tasks), len(pending)
     out["rss_end_mb"], out["peak_rss_mb"] = rss_mb()
     out["faces_sha1"] = sha1(root / "output" / "faces.jsonl")
@@ -142,9 +142,10 @@ def parts(root: Path) -> dict:
 
 def resume(root: Path) -> dict:
     from align.runner import align_dataset
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     summary = align_dataset(root / "input", root / "output", quiet=True, workers=2)
-    out = {"resume_s": time.perf_counter() - t0, "peak_rss_mb": rss_mb()[1],
+    out = {"resume_s": time.perf_counter() - t0, "resume_cpu_s": time.process_time() - c0,
+           "peak_rss_mb": rss_mb()[1],
            "processed_this_run": summary["processed_this_run"], "workers": summary["workers"],
            "images": summary["images"], "faces_sha1": sha1(root / "output" / "faces.jsonl")}
     return out
@@ -191,10 +192,13 @@ def main() -> None:
     print(f"\n{n} photos, {a['counts']['faces_written']} faces written ({a['counts']})")
     print(f"walk {a['walk_s']:.1f} s, journal scan {a['scan_s']:.1f} s, merge {a['merge_s']:.1f} s; "
           f"peak RSS {a['peak_rss_mb']:.0f} MB")
+    print(f"  CPU (user+sys) of the same: walk {a['walk_cpu_s']:.1f} s, scan {a['scan_cpu_s']:.1f} s, "
+          f"merge {a['merge_cpu_s']:.1f} s; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print(f"RSS: start {a['rss_start_mb']:.0f} MB, after the walk {a['rss_after_walk_mb']:.0f} MB "
           f"({(a['rss_after_walk_mb'] - a['rss_start_mb']) * 2**20 / n:.0f} B/photo), after the scan "
           f"{a['rss_after_scan_mb']:.0f} MB (+{(a['rss_after_scan_mb'] - a['rss_after_walk_mb']) * 2**20 / n:.0f} B/photo)")
-    print(f"no-op resume (align_dataset, nothing pending): {b['resume_s']:.1f} s, peak RSS {b['peak_rss_mb']:.0f} MB")
+    print(f"no-op resume (align_dataset, nothing pending): {b['resume_s']:.1f} s "
+          f"({b['resume_cpu_s']:.1f} s CPU), peak RSS {b['peak_rss_mb']:.0f} MB")
 
 
 if __name__ == "__main__":
