@@ -151,6 +151,22 @@ def resume(root: Path) -> dict:
     return out
 
 
+def old(root: Path) -> dict:
+    """The in-memory merge that RecordIndex replaced (every record in a dict, faces.jsonl and
+    bounding_boxes.txt built as strings), for comparison; writes nothing."""
+    from align.dataset import walk
+    from align.records import StateDir, bounding_box_lines, dumps
+    t0, c0 = time.perf_counter(), time.process_time()
+    tasks = walk(root / "input").tasks
+    records = StateDir(root / "output").load_all()
+    ordered = [records[t.rel] for t in tasks]
+    faces = "".join(dumps(r) + "\n" for r in ordered).encode("utf-8", "surrogateescape")
+    boxes = "".join(line for r in ordered for line in bounding_box_lines(r, str(root / "output")))
+    boxes = boxes.encode("utf-8", "surrogateescape")
+    return {"old_s": time.perf_counter() - t0, "old_cpu_s": time.process_time() - c0,
+            "peak_rss_mb": rss_mb()[1], "faces_sha1": hashlib.sha1(faces).hexdigest()}
+
+
 def sha1(path: Path) -> str:
     h = hashlib.sha1()
     with open(path, "rb") as f:
@@ -173,7 +189,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--photos", type=int, default=1_000_000)
     p.add_argument("--root", type=Path, default=Path("/tmp/align-million"))
-    p.add_argument("--step", choices=["build", "parts", "resume"], help=argparse.SUPPRESS)
+    p.add_argument("--old", action="store_true",
+                   help="also run the in-memory merge of earlier releases (several GB at 1M)")
+    p.add_argument("--step", choices=["build", "parts", "resume", "old"], help=argparse.SUPPRESS)
     args = p.parse_args()
     root = args.root / str(args.photos)
     if args.step:
@@ -181,7 +199,7 @@ def main() -> None:
             build(root, args.photos)
             print(json.dumps({}))
         else:
-            print(json.dumps({"parts": parts, "resume": resume}[args.step](root)))
+            print(json.dumps({"parts": parts, "resume": resume, "old": old}[args.step](root)))
         return
     if not (root / "state.complete").exists():
         in_child("build", args)
@@ -199,6 +217,11 @@ def main() -> None:
           f"{a['rss_after_scan_mb']:.0f} MB (+{(a['rss_after_scan_mb'] - a['rss_after_walk_mb']) * 2**20 / n:.0f} B/photo)")
     print(f"no-op resume (align_dataset, nothing pending): {b['resume_s']:.1f} s "
           f"({b['resume_cpu_s']:.1f} s CPU), peak RSS {b['peak_rss_mb']:.0f} MB")
+    if args.old:
+        c = in_child("old", args)
+        assert c["faces_sha1"] == a["faces_sha1"], "the in-memory merge made other bytes"
+        print(f"in-memory merge of earlier releases: {c['old_s']:.1f} s ({c['old_cpu_s']:.1f} s CPU), "
+              f"peak RSS {c['peak_rss_mb']:.0f} MB; the same faces.jsonl bytes")
 
 
 if __name__ == "__main__":
