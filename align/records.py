@@ -27,9 +27,9 @@ from align.durable import atomic_file, write_atomic
 STATE = ".align_dataset"
 # "error": a failure that says nothing about the file (out of memory, a full disk, a name too
 # long for the file system): recorded with its reason, and retried by the next run
+STATUSES = ("aligned", "no_face", "unreadable", "not_an_image", "skipped_existing", "error")
 _SCAN = json.JSONDecoder().scan_once       # json.loads' parser, less its checks around the value
 _SCAN_TEXT = json.JSONDecoder(parse_float=str).scan_once     # the same checks, floats as text
-STATUSES = ("aligned", "no_face", "unreadable", "not_an_image", "skipped_existing", "error")
 
 
 def needs_work(record: dict | None) -> bool:
