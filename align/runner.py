@@ -18,7 +18,7 @@ from align.config import Config
 from align.dataset import cut_shards, walk
 from align.durable import TEMP_PREFIX, TEMP_SUFFIX
 from align.engines import Interrupted, JobError, OptionsError, make_engine  # noqa: F401 (API)
-from align.records import StateDir, count, needs_work, write_results
+from align.records import RecordIndex, StateDir, write_summary
 from align.report import report_or_warn
 from align.worker import ShardJob
 from facenet_nets.weights import verify_weights
@@ -116,7 +116,7 @@ def _run(config, engine, input_dir, output_dir, output_arg, state, found_outputs
     if previous is not None:
         previous.setdefault("align", "box")     # a run begun before --align existed
     if config.overwrite:
-        for record in state.load_all().values():     # start over: what we wrote goes too
+        for record in state.each_record():           # start over: what we wrote goes too
             for written in record.get("written", ()):
                 (output_dir / written["output"]).unlink(missing_ok=True)
         state.reset()
@@ -133,9 +133,9 @@ def _run(config, engine, input_dir, output_dir, output_arg, state, found_outputs
     job = walk(input_dir)
     for identity in {t.out_base.split("/")[0] for t in job.tasks}:
         (output_dir / identity).mkdir(exist_ok=True)
-    records = state.load_all()
-    pending = [t for t in job.tasks if needs_work(records.get(t.rel))]
-    del records
+    index = RecordIndex(job.tasks, state, output_arg)     # where each task's record lies
+    index.scan()
+    pending = index.pending()
     if config.random_order:
         random.shuffle(pending)
     shards = cut_shards(pending, config.workers)
@@ -148,9 +148,8 @@ def _run(config, engine, input_dir, output_dir, output_arg, state, found_outputs
         progress.close()
     t_end = time.perf_counter()
 
-    records = state.load_all()
-    ordered = [records[t.rel] for t in job.tasks]
-    counts = count(ordered)
+    index.update(shards)
+    counts = index.merge(output_dir)        # faces.jsonl and bounding_boxes.txt, in input order
     # from every worker holding its nets (they start together) to the last shard's records
     processing_s = (ran.done_at - ran.ready_at) if ran else t_end - t_work
     summary = {
@@ -168,6 +167,6 @@ def _run(config, engine, input_dir, output_dir, output_arg, state, found_outputs
         "images_per_s": round(len(pending) / processing_s, 2) if processing_s > 0 else None,
         "peak_rss_mb": round(_peak_rss_mb(), 1),
     }
-    write_results(output_dir, output_arg, ordered, summary)
+    write_summary(output_dir, summary)
     report_or_warn(output_dir, config)
     return summary
