@@ -1,7 +1,8 @@
 # make align   aligns a small real sample (or INPUT=... OUTPUT=...)
 # make test    runs the whole suite
 # make bench   measures photos/s against facenet's original loop (DATA=... picks the folder;
-#              ENGINE=dask also runs the dask engine on a LocalCluster, beside the local one)
+#              ENGINE=dask also runs the dask engine on a LocalCluster, beside the local one;
+#              BENCH_ARGS=--arcface times --align arcface beside box mode)
 # Each makes its own virtualenv (.venv) and installs what it needs.
 
 PYTHON ?= python3
@@ -40,7 +41,7 @@ test: venv weights
 	$(PY) -m pytest -q
 
 bench: venv weights $(if $(filter $(SAMPLE),$(DATA)),$(SAMPLE_STAMP))
-	$(PY) bench/bench.py $(DATA) --engine $(ENGINE)
+	$(PY) bench/bench.py $(DATA) --engine $(ENGINE) $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) $(SAMPLE) $(SAMPLE)_aligned $(SAMPLE_STAMP) bench/out

@@ -1,4 +1,4 @@
-"""One shard: read -> detect (batched) -> choose faces -> crop -> write -> journal.
+"""One shard: read -> detect (batched) -> choose faces -> crop or warp -> write -> journal.
 
 Knows nothing of processes: every engine's workers call it through `align.worker.run_shard`. Decoding runs a batch ahead of detection, and encoding and
 writing a batch behind it, each on a thread of its own, so the nets wait for neither.
@@ -18,6 +18,7 @@ from align.dataset import Shard, Task
 from align.detect import Detector, Faces, TooCostly, cost_refusal
 from align.imageio import NotAnImage, UnreadableImage, decode_image, encode_image
 from align.records import Journal, is_transient, needs_work
+from align.warp import face_transform, footprint, warp
 from align.durable import fsync_dir, write_atomic
 
 BATCH = 16                      # images per detect_batch call, at most
@@ -185,13 +186,30 @@ class Aligner:
         record["faces"] = [_face_record(faces, i) for i in range(len(faces))]
         multiple = self.config.detect_multiple_faces
         for n, i in enumerate(choose_faces(faces.boxes, image.shape[:2], multiple)):
-            box = crop_box(faces.boxes[i], image.shape[:2], self.config.margin)
-            thumb = thumbnail(image, box, self.config.image_size)
+            if self.config.align == "box":
+                box = crop_box(faces.boxes[i], image.shape[:2], self.config.margin)
+                thumb, fields = thumbnail(image, box, self.config.image_size), {"crop_box": list(box)}
+            else:
+                thumb, fields = self._warped(image, faces.landmarks[i])
             if thumb is None:
                 continue
             name = self.output_name(task, n if multiple else None)
             write_atomic(self.output_dir / name, encode_image(thumb, self.config.format))
-            record["written"].append({"face": i, "crop_box": list(box), "output": name})
+            record["written"].append({"face": i, **fields, "output": name})
         if len(faces) and not record["written"]:
-            record.update(status="no_face", reason="every face's crop is empty")
+            reason = "every face's crop is empty" if self.config.align == "box" else \
+                "no face's landmarks fix a similarity transform"
+            record.update(status="no_face", reason=reason)
         return record
+
+    def _warped(self, image: np.ndarray, landmarks: np.ndarray) -> tuple[np.ndarray | None, dict]:
+        """The face warped onto the template, and its record's fields: crop_box (the part of
+        the input the thumbnail shows), the matrix (input pixels -> output pixels) and the
+        template's name; (None, {}) when the landmarks fix no transform (coincident)."""
+        try:
+            matrix, size = face_transform(landmarks, self.config.image_size, self.config.align)
+        except ValueError:
+            return None, {}
+        return warp(image, matrix, size), {
+            "crop_box": list(footprint(matrix, size, image.shape[:2])),
+            "matrix": [[float(v) for v in row] for row in matrix], "template": self.config.align}

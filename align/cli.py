@@ -11,8 +11,9 @@ import os
 import sys
 
 import click
+from click.core import ParameterSource
 
-from align.config import Config, ENGINES, FORMATS
+from align.config import ALIGN_DEFAULTS, ALIGNS, Config, ENGINES, FORMATS
 
 DEFAULTS = Config()
 BOOL_WORDS = {"true", "false", "1", "0", "yes", "no"}
@@ -86,10 +87,19 @@ def _opt(*names, **kw):
 @click.command(cls=_Command, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("input_dir", type=click.Path(exists=True, file_okay=False))
 @click.argument("output_dir", type=click.Path(file_okay=False))
+@_opt("--align", type=click.Choice(ALIGNS), default=DEFAULTS.align,
+      help="box: facenet's crop, the face box grown by --margin and resized (for facenet-style "
+           "training). arcface: the face rotated, scaled and moved so that its five landmarks "
+           "land on insightface's 112x112 template, exactly as insightface's norm_crop "
+           "(for arcface_torch and most trainers since 2018).")
 @_opt("--image_size", type=click.IntRange(min=1), default=DEFAULTS.image_size,
-      help="Side of the square thumbnails, pixels.")
+      help=f"Side of the square thumbnails, pixels ({ALIGN_DEFAULTS['arcface'][0]} with --align "
+           "arcface). arcface: the 112x112 template is scaled by image_size/112 when that is "
+           "whole, else by image_size/128 and centred when that is (insightface's rule); other "
+           "sizes, which insightface refuses, scale it by image_size/112.")
 @_opt("--margin", type=click.IntRange(min=0), default=DEFAULTS.margin,
-      help="Margin around the face box, pixels of the input image (half on each side).")
+      help="Margin around the face box, pixels of the input image (half on each side). "
+           "--align box only.")
 @click.option("--detect_multiple_faces/--no-detect_multiple_faces", "--detect-multiple-faces/--no-detect-multiple-faces",
               default=DEFAULTS.detect_multiple_faces, show_default=True,
               help="Write every face (<stem>_<i>), not only the central, largest one. "
@@ -123,7 +133,8 @@ def _opt(*names, **kw):
                       message="%(prog)s %(version)s")
 def main(input_dir, output_dir, fmt, **options):
     """Detect, crop and resize the faces of INPUT_DIR/<identity>/<image> into
-    OUTPUT_DIR/<identity>/<stem>.png, as facenet's align_dataset_mtcnn.py does.
+    OUTPUT_DIR/<identity>/<stem>.png, as facenet's align_dataset_mtcnn.py does; with
+    --align arcface, warp each face onto insightface's ArcFace template instead.
 
     A killed run resumes where it stopped when the same command runs again.
     Records: OUTPUT_DIR/faces.jsonl, bounding_boxes.txt, summary.json; OUTPUT_DIR/report.html
@@ -132,6 +143,10 @@ def main(input_dir, output_dir, fmt, **options):
     from align.runner import Interrupted, JobError, OptionsError, align_dataset
     from facenet_nets.weights import WeightsError
 
+    ctx = click.get_current_context()
+    for name in ("image_size", "margin"):   # not given: the --align mode's default
+        if ctx.get_parameter_source(name) is ParameterSource.DEFAULT:
+            options[name] = None
     try:
         config = Config(format=fmt, **options)
     except ValueError as e:

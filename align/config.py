@@ -9,6 +9,15 @@ from dataclasses import dataclass, field
 
 FORMATS = ("png", "jpg")
 ENGINES = ("local", "dask")
+ALIGNS = ("box", "arcface")
+# what image_size and margin are, per align mode, when they are not given
+ALIGN_DEFAULTS = {"box": (182, 44), "arcface": (112, None)}
+
+
+class Default(int):
+    """An image_size or margin that was not given: the default of the run's align mode, which
+    Config fills in again when dataclasses.replace changes the mode (a given value it keeps)."""
+    __slots__ = ()
 
 
 @dataclass(frozen=True)
@@ -74,8 +83,12 @@ def default_workers() -> int:
 
 @dataclass(frozen=True)
 class Config:
-    """image_size: side of the written thumbnails, pixels; margin: pixels of the input image
-    added around the detected box in total (half on each side) before cropping;
+    """align: "box" (facenet's crop: the detected box grown by margin, resized) or "arcface"
+    (the face warped so that its five landmarks land on insightface's 112x112 template, see
+    align/warp.py); image_size: side of the written thumbnails, pixels (default 182 for box,
+    112 for arcface); margin: box only: pixels of the input image added around the detected
+    box in total (half on each side) before cropping (default 44; None for arcface, where
+    giving one is an error);
     detect_multiple_faces: write every face, not only the central, largest one;
     random_order: process the images in random order; the output is the same;
     gpu_memory_fraction: upper bound of GPU memory per worker process, when a GPU is used;
@@ -85,8 +98,8 @@ class Config:
     "dask": a Dask cluster); scheduler: the Dask scheduler's address (None: the
     DASK_SCHEDULER_ADDRESS environment variable, else a LocalCluster of `workers` processes);
     report: write OUTPUT_DIR/report.html at the end (align.report)."""
-    image_size: int = 182
-    margin: int = 44
+    image_size: int | None = None
+    margin: int | None = None
     detect_multiple_faces: bool = False
     random_order: bool = False
     gpu_memory_fraction: float = 1.0
@@ -100,11 +113,22 @@ class Config:
     engine: str = "local"
     scheduler: str | None = None
     report: bool = True
+    align: str = "box"
 
     def __post_init__(self):
+        if self.align not in ALIGNS:
+            raise ValueError(f"align must be one of {ALIGNS}, not {self.align!r}")
+        size, margin = ALIGN_DEFAULTS[self.align]
+        if self.image_size is None or isinstance(self.image_size, Default):
+            object.__setattr__(self, "image_size", Default(size))
+        if self.margin is None or isinstance(self.margin, Default):
+            object.__setattr__(self, "margin", None if margin is None else Default(margin))
+        elif margin is None:
+            raise ValueError(f"margin is for --align box (facenet's crop); --align {self.align} "
+                             f"crops by its template: leave margin out")
         if not 1 <= self.image_size <= MAX_IMAGE_SIZE:
             raise ValueError(f"image_size must be in 1..{MAX_IMAGE_SIZE} pixels, not {self.image_size}")
-        if self.margin < 0:
+        if self.margin is not None and self.margin < 0:
             raise ValueError(f"margin must be >= 0, not {self.margin}")
         if self.workers < 1:
             raise ValueError(f"workers must be >= 1, not {self.workers}")

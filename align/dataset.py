@@ -39,13 +39,37 @@ SHARD_SIZE = 32     # images per shard, at most: a worker's journal and detectio
 MIN_SHARD = 8       # ... and at least (but the last): shards shrink toward the end of a run
 
 
-@dataclass(frozen=True)
 class Task:
     """One input file. `rel` is its path relative to INPUT_DIR; `out_base` the output path
-    relative to OUTPUT_DIR without extension (a face index and the extension are added)."""
-    rel: str
-    out_base: str
-    natural: str | None = None    # out_base as facenet would name it, where that was not usable
+    relative to OUTPUT_DIR without extension (a face index and the extension are added).
+    A walk makes one per photo, millions of them: slots, and `out_base` kept as its length
+    when it is a prefix of `rel` (it almost always is), so a task costs an object and its
+    `rel`. Treat as immutable."""
+    __slots__ = ("rel", "_base", "natural")
+
+    def __init__(self, rel: str, out_base: str, natural: str | None = None):
+        self.rel = rel
+        self._base = len(out_base) if rel.startswith(out_base) else out_base
+        self.natural = natural      # out_base as facenet would name it, where that was not usable
+
+    @property
+    def out_base(self) -> str:
+        base = self._base
+        return self.rel[:base] if base.__class__ is int else base
+
+    def __eq__(self, other) -> bool:
+        if other.__class__ is not Task:
+            return NotImplemented
+        return (self.rel, self.out_base, self.natural) == (other.rel, other.out_base, other.natural)
+
+    def __hash__(self) -> int:
+        return hash((self.rel, self.out_base))
+
+    def __repr__(self) -> str:
+        return f"Task(rel={self.rel!r}, out_base={self.out_base!r}, natural={self.natural!r})"
+
+    def __reduce__(self):
+        return Task, (self.rel, self.out_base, self.natural)
 
 
 @dataclass(frozen=True)
@@ -63,7 +87,9 @@ class Walk:
 
 def output_stems(names: list[str]) -> dict[str, str]:
     """{file name: output stem} for the files of one folder, unique within it."""
-    stems = {n: os.path.splitext(n)[0] for n in names}
+    stems = {n: _stem(n) for n in names}
+    if len(set(stems.values())) == len(stems):
+        return stems
     while True:
         counts = Counter(stems.values())
         clashes = [n for n, s in stems.items() if counts[s] > 1 and s != n]
@@ -74,6 +100,8 @@ def output_stems(names: list[str]) -> dict[str, str]:
 
 
 def _unusable(name: str, room: int) -> bool:
+    if len(name) <= 60 and name.isprintable():     # the common case, at walk speed
+        return False
     return len(os.fsencode(name)) + room > NAME_MAX or any(ord(c) < 32 or ord(c) == 127 for c in name)
 
 
@@ -98,6 +126,12 @@ def output_identity(name: str) -> str:
     return safe_name(name, name, force=reserved)
 
 
+def _stem(name: str) -> str:
+    """os.path.splitext(name)[0], for a file name (no "/"), faster where it has no leading dot."""
+    dot = name.rfind(".")
+    return name[:dot] if dot > 0 and name[0] != "." else os.path.splitext(name)[0]
+
+
 def _is_dir(entry: os.DirEntry) -> bool:
     """Follows symlinks; a link that loops or leads nowhere is not a folder."""
     try:
@@ -106,25 +140,32 @@ def _is_dir(entry: os.DirEntry) -> bool:
         return False
 
 
+def _entries(folder: str | Path) -> list[tuple[str, bool]]:
+    """(name, is a folder) of each entry, sorted by name; read as os.scandir streams them
+    (one folder entry at a time), keeping no DirEntry."""
+    with os.scandir(folder) as entries:
+        return sorted((e.name, _is_dir(e)) for e in entries)
+
+
 def walk(input_dir: Path) -> Walk:
     tasks, skipped = [], []
-    for entry in sorted(os.scandir(input_dir), key=lambda e: e.name):
-        if not _is_dir(entry):
-            skipped.append(entry.name)
+    for identity, is_dir in _entries(input_dir):
+        if not is_dir:
+            skipped.append(identity)
             continue
         try:
-            entries = sorted(((e.name, _is_dir(e)) for e in os.scandir(entry.path)))
+            entries = _entries(os.path.join(input_dir, identity))
         except OSError:
-            skipped.append(entry.name)
+            skipped.append(identity)
             continue
-        identity = output_identity(entry.name)
+        out_identity = output_identity(identity)
         stems = output_stems([name for name, is_dir in entries if not is_dir])
         for name, is_dir in entries:
-            stem = os.path.splitext(name)[0] if is_dir else stems[name]
+            stem = _stem(name) if is_dir else stems[name]
             out = safe_name(stem, name, SUFFIX_ROOM)
-            natural = f"{entry.name}/{stem}"
-            base = f"{identity}/{out}"
-            tasks.append(Task(f"{entry.name}/{name}", base, None if base == natural else natural))
+            base = f"{out_identity}/{out}"
+            natural = None if out == stem and out_identity == identity else f"{identity}/{stem}"
+            tasks.append(Task(f"{identity}/{name}", base, natural))
     return Walk(tasks, skipped)
 
 

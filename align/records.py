@@ -7,9 +7,16 @@ OUTPUT_DIR/.align_dataset/ holds the run's state:
                         renamed into place (fsync'ed); a torn last line is dropped on reading
 From the journals, at the end of every run, come (written atomically, in input order):
   faces.jsonl           one record per input file
-  bounding_boxes.txt    facenet's format: "<output path> x1 y1 x2 y2", or "<output path>" alone
-                        (no output path holds a line break: align/dataset.py's safe names)
+  bounding_boxes.txt    facenet's format: "<output path> x1 y1 x2 y2" (a written face's
+                        crop_box), or "<output path>" alone (an image without a face); no
+                        output path holds a line break (align/dataset.py's safe names)
   summary.json          counts and timings
+Each written face's record: "face" (its index in "faces"), "output", and "crop_box": the part of
+the input the thumbnail shows, integer pixel edges (left, top, right, bottom) clipped to the
+image: with --align box facenet's margin box, the very pixels cropped; with --align arcface the
+smallest box of whole input pixels that holds the (rotated) square the thumbnail was warped
+from. --align arcface adds "matrix", 2x3, mapping input pixels to thumbnail pixels
+([u, v] = M @ [x, y, 1]), and "template", the name of the template ("arcface").
 """
 from __future__ import annotations
 
@@ -17,12 +24,19 @@ import errno
 import fcntl
 import json
 import os
+import tempfile
 from pathlib import Path
+from typing import Iterable, Iterator, Sequence
 
-from align.durable import write_atomic
+import numpy as np
+
+from align.dataset import Shard, Task
+from align.durable import atomic_file, write_atomic
 
 STATE = ".align_dataset"
 STATUSES = ("aligned", "no_face", "unreadable", "not_an_image", "skipped_existing", "error")
+_SCAN = json.JSONDecoder().scan_once       # json.loads' parser, less its checks around the value
+_SCAN_TEXT = json.JSONDecoder(parse_float=str).scan_once     # the same checks, floats as text
 
 # Permanent and retried failures, the one rule. A failure that comes from the file's content
 # (not an image, corrupt, truncated, a decompression bomb, a symlink loop, a photo too costly
@@ -65,25 +79,46 @@ class Journal:
         self.path = path
 
     def load(self) -> dict[str, dict]:
-        """{input path: record} of the complete lines; cuts a torn tail off the file."""
-        records, good = {}, 0
+        """{input path: record} of the complete lines (a later line for an input replaces an
+        earlier one); cuts a torn tail off the file."""
+        return {record["input"]: record for _, _, record in self.entries()}
+
+    def entries(self, floats: bool = True) -> list[tuple[int, bytes, dict]]:
+        """(byte offset, line, record) of each complete line, in file order; cuts a torn tail
+        (a last line without its newline, or a line that is not JSON, and all after it) off
+        the file. floats=False leaves the records' non-integer numbers as their JSON text
+        (for a reader that copies lines: it parses them much faster)."""
+        scan = _SCAN if floats else _SCAN_TEXT
+        entries, good = [], 0
         try:
             data = self.path.read_bytes()
         except FileNotFoundError:
-            return records
+            return entries
+        # json.loads(line) for each line, as one scan of the file's text where the file is
+        # ASCII (as dumps writes it) and the line starts as a record does: a third faster
+        text = data.decode("ascii") if data.isascii() else None
         for line in data.splitlines(keepends=True):
             if not line.endswith(b"\n"):
                 break
-            try:
-                record = json.loads(line)
-            except ValueError:
-                break
-            records[record["input"]] = record
+            record = None
+            if text is not None and line.startswith(b'{"'):
+                try:
+                    record, end = scan(text, good)
+                    if end != good + len(line) - 1:     # not one value and its newline
+                        record = None
+                except (ValueError, StopIteration):
+                    record = None
+            if record is None:
+                try:
+                    record = json.loads(line, parse_float=None if floats else str)
+                except ValueError:
+                    break
+            entries.append((good, line, record))
             good += len(line)
         if good != len(data):
             with open(self.path, "r+b") as f:
                 f.truncate(good)
-        return records
+        return entries
 
     def append(self, records: list[dict]) -> None:
         if not records:
@@ -120,12 +155,23 @@ class StateDir:
     def journal(self, shard_key: str) -> Journal:
         return Journal(self.journals / f"{shard_key}.jsonl")
 
+    def journal_paths(self) -> list[Path]:
+        """Every journal, in the order their records are combined."""
+        return sorted(self.journals.glob("*.jsonl"))
+
+    def each_record(self) -> Iterator[dict]:
+        """Every record of every journal (an input's overridden ones too), one journal in
+        memory at a time."""
+        for path in self.journal_paths():
+            yield from Journal(path).load().values()
+
     def load_all(self) -> dict[str, dict]:
         """{input path: record} over every journal. An input can have records in two
         journals when runs cut their shards differently: an "error" in one and the retry's
-        outcome in another. The one that needs no more work wins."""
+        outcome in another. The one that needs no more work wins. (All in memory: a run
+        uses RecordIndex, which applies the same rule.)"""
         records = {}
-        for path in sorted(self.journals.glob("*.jsonl")):
+        for path in self.journal_paths():
             for rel, record in Journal(path).load().items():
                 if needs_work(records.get(rel)):
                     records[rel] = record
@@ -156,25 +202,171 @@ def bounding_box_lines(record: dict, output_dir: str) -> list[str]:
     """facenet's bounding_boxes.txt lines for one record (none for inputs that are not
     images or that could not be read: facenet printed an error and wrote nothing)."""
     if record["status"] == "aligned":
-        return [f"{os.path.join(output_dir, w['output'])} {' '.join(str(v) for v in w['crop_box'])}\n"
+        return [f"{os.path.join(output_dir, w['output'])} {' '.join(map(str, w['crop_box']))}\n"
                 for w in record["written"]]
     if record["status"] == "no_face":
         return [f"{os.path.join(output_dir, record['output'])}\n"]
     return []
 
 
-def write_results(output_dir: Path, output_dir_arg: str, records: list[dict], summary: dict) -> None:
-    """faces.jsonl, bounding_boxes.txt and summary.json, each written atomically."""
-    write_atomic(output_dir / "faces.jsonl",
-                 "".join(dumps(r) + "\n" for r in records).encode("utf-8", "surrogateescape"))
-    lines = [line for r in records for line in bounding_box_lines(r, output_dir_arg)]
-    write_atomic(output_dir / "bounding_boxes.txt", "".join(lines).encode("utf-8", "surrogateescape"))
+_NONE = -1                                      # the status of an input without a record
+_CODE = {status: code for code, status in enumerate(STATUSES)}
+_TO_DO = [_NONE] + [_CODE[s] for s in STATUSES if needs_work({"status": s})]
+# per task: status code, faces written, the record's line (journal number, byte offset,
+# length), its bounding_boxes.txt lines in the spool (byte offset, length)
+ROW = np.dtype([("status", "i1"), ("faces", "i4"), ("journal", "i4"), ("offset", "i8"),
+                ("length", "i4"), ("spool_offset", "i8"), ("spool_length", "i4")])
+MAX_OPEN_JOURNALS = 64                          # file handles the merge keeps open
+MERGE_CHUNK = 1 << 16                           # tasks the merge takes from the arrays at once
+
+
+class RecordIndex:
+    """Where the record of each task of a job lies, for millions of tasks: a ROW per task (in
+    the order of `tasks`), 33 bytes, and a lookup from input path to task of 16 bytes a task.
+    Records are parsed once, when their journal is scanned; their bounding_boxes.txt lines
+    go to a spool (an unnamed temporary file in the state folder, gone with the process);
+    the merge copies bytes."""
+
+    def __init__(self, tasks: Sequence[Task], state: StateDir, output_dir_arg: str):
+        self.tasks, self.state, self.output_dir_arg = tasks, state, output_dir_arg
+        hashes = np.fromiter((hash(t.rel) for t in tasks), np.int64, len(tasks))
+        self._order = np.argsort(hashes, kind="stable")     # tasks by hash of rel: the lookup
+        self._hashes = hashes[self._order]
+        self.rows = np.zeros(len(tasks), ROW)
+        self.rows["status"] = _NONE
+        self.paths: list[str] = []                  # journal numbers -> paths
+        self._spool = tempfile.TemporaryFile(dir=state.root)
+        self._spool_size = 0
+        self.extra_statuses: dict[str, int] = {}    # statuses this version does not know
+
+    def scan(self) -> None:
+        """Every journal, combined as StateDir.load_all combines them: in a journal the last
+        line for an input counts; across journals, a record replaces one that needs work.
+        Cuts torn tails as Journal.load does."""
+        for path in self.state.journal_paths():
+            found, rows = self._read(path)
+            take = np.isin(self.rows["status"][found], _TO_DO)
+            self.rows[found[take]] = rows[take]
+
+    def update(self, shards: Iterable[Shard]) -> None:
+        """What a run's shards did: each task of `shards` takes the last record for it in
+        its shard's journal (the run's own outcome, even where an older journal holds
+        another "error" for it)."""
+        for shard in shards:
+            found, rows = self._read(self.state.journal(shard.key).path)
+            take = np.isin(found, [i for i in self._find_all([t.rel for t in shard.tasks]) if i is not None])
+            self.rows[found[take]] = rows[take]
+
+    def pending(self) -> list[Task]:
+        """The tasks that need work (needs_work), in input order."""
+        return [self.tasks[i] for i in np.flatnonzero(np.isin(self.rows["status"], _TO_DO)).tolist()]
+
+    def counts(self) -> dict:
+        """{status: inputs} over STATUSES (and any other status found), and faces_written."""
+        status = self.rows["status"]
+        found = np.bincount(status[status >= 0], minlength=len(STATUSES) + len(self.extra_statuses))
+        counts = {s: int(found[_CODE[s]]) for s in STATUSES}
+        counts.update((s, int(found[code])) for s, code in self.extra_statuses.items())
+        counts["faces_written"] = int(self.rows["faces"][status >= 0].sum())
+        return counts
+
+    def merge(self, output_dir: Path) -> dict:
+        """faces.jsonl (each task's journal line, as it is) and bounding_boxes.txt, in input
+        order, each written atomically; returns counts(). Closes the spool. Raises
+        RuntimeError when a task has no record (a run that ended without finishing it)."""
+        missing = np.flatnonzero(self.rows["status"] == _NONE)
+        if len(missing):
+            raise RuntimeError(f"{len(missing)} inputs have no record, {self.tasks[missing[0]].rel} "
+                               f"the first")
+        self._spool.flush()
+        journals: dict[int, int] = {}               # journal number -> open fd
+        try:
+            with atomic_file(output_dir / "faces.jsonl", 1 << 20) as faces:
+                for j, offset, length in self._runs("journal", "offset", "length"):
+                    fd = journals.get(j)
+                    if fd is None:
+                        if len(journals) >= MAX_OPEN_JOURNALS:
+                            for fd in journals.values():
+                                os.close(fd)
+                            journals.clear()
+                        fd = journals[j] = os.open(self.paths[j], os.O_RDONLY)
+                    faces.write(_pread(fd, length, offset))
+            with atomic_file(output_dir / "bounding_boxes.txt", 1 << 20) as boxes:
+                spool = self._spool.fileno()
+                for _, offset, length in self._runs(None, "spool_offset", "spool_length"):
+                    boxes.write(_pread(spool, length, offset))
+        finally:
+            for fd in journals.values():
+                os.close(fd)
+            self._spool.close()
+        return self.counts()
+
+    def _runs(self, file: str | None, offset: str, length: str) -> Iterator[tuple[int, int, int]]:
+        """(file, offset, length) of the byte ranges that hold the tasks' entries in input
+        order: one range for each run of entries that lie one after the other in one file
+        (a shard's records, in a job's first run)."""
+        for start in range(0, len(self.rows), MERGE_CHUNK):
+            rows = self.rows[start:start + MERGE_CHUNK]
+            files = rows[file] if file else np.zeros(len(rows), np.int32)
+            offsets, ends = rows[offset], rows[offset] + rows[length]
+            new = np.ones(len(rows), bool)
+            new[1:] = (files[1:] != files[:-1]) | (offsets[1:] != ends[:-1])
+            starts = np.flatnonzero(new)
+            stops = np.append(starts[1:], len(rows)) - 1
+            yield from zip(files[starts].tolist(), offsets[starts].tolist(),
+                           (ends[stops] - offsets[starts]).tolist())
+
+    def _find_all(self, rels: list[str]) -> list[int | None]:
+        """The index of the task of each input path; None for a path no task has."""
+        if not len(self._hashes):
+            return [None] * len(rels)
+        hashes = np.fromiter(map(hash, rels), np.int64, len(rels))
+        pos = np.minimum(np.searchsorted(self._hashes, hashes), len(self._hashes) - 1)
+        return [i if self.tasks[i].rel == rel else self._find(rel)
+                for rel, i in zip(rels, self._order[pos].tolist())]
+
+    def _find(self, rel: str) -> int | None:
+        h = hash(rel)
+        pos = int(np.searchsorted(self._hashes, h))
+        while pos < len(self._hashes) and self._hashes[pos] == h:
+            i = int(self._order[pos])
+            if self.tasks[i].rel == rel:
+                return i
+            pos += 1
+        return None
+
+    def _read(self, path: Path) -> tuple[np.ndarray, np.ndarray]:
+        """(task indices, their ROWs) of the last line for each of the job's inputs in the
+        journal at `path`; their bounding_boxes.txt lines go to the spool."""
+        number = len(self.paths)
+        self.paths.append(str(path))
+        entries = Journal(path).entries(floats=False)
+        latest: dict[int, tuple] = {}
+        spooled = []
+        for (offset, line, record), i in zip(entries, self._find_all([r["input"] for _, _, r in entries])):
+            if i is None:
+                continue                            # an input gone from INPUT_DIR since
+            boxes = "".join(bounding_box_lines(record, self.output_dir_arg)).encode("utf-8", "surrogateescape")
+            spooled.append(boxes)
+            latest[i] = (self._code(record["status"]), len(record.get("written", ())), number,
+                         offset, len(line), self._spool_size, len(boxes))
+            self._spool_size += len(boxes)
+        self._spool.write(b"".join(spooled))
+        return np.fromiter(latest, np.int64, len(latest)), np.array(list(latest.values()), ROW)
+
+    def _code(self, status: str) -> int:
+        code = _CODE.get(status)
+        if code is None:
+            code = self.extra_statuses.setdefault(status, len(STATUSES) + len(self.extra_statuses))
+        return code
+
+
+def _pread(fd: int, length: int, offset: int) -> bytes:
+    data = os.pread(fd, length, offset)
+    if len(data) != length:
+        raise RuntimeError(f"a journal changed while its records were merged (fd {fd})")
+    return data
+
+
+def write_summary(output_dir: Path, summary: dict) -> None:
     write_atomic(output_dir / "summary.json", (json.dumps(summary, indent=1) + "\n").encode())
-
-
-def count(records: list[dict]) -> dict:
-    counts = {s: 0 for s in STATUSES}
-    for r in records:
-        counts[r["status"]] += 1
-    counts["faces_written"] = sum(len(r.get("written", ())) for r in records)
-    return counts

@@ -327,8 +327,9 @@ def _make_pictures(records: list[dict], input_dir: Path, folder: Path) -> dict[s
         os.replace(tmp, folder / name)
         return name
 
+    unique = list({r["input"]: r for r in records}.values())    # a photo may be in two sections
     with ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:
-        return dict(zip((r["input"] for r in records), pool.map(one, records)))
+        return dict(zip((r["input"] for r in unique), pool.map(one, unique)))
 
 
 # --- charts: inline SVG bars ----------------------------------------------------------------------

@@ -19,14 +19,14 @@ from align.config import FORMATS, Config
 from align.dataset import cut_shards, walk
 from align.durable import TEMP_PREFIX, TEMP_SUFFIX
 from align.engines import Interrupted, JobError, OptionsError, make_engine  # noqa: F401 (API)
-from align.records import StateDir, count, needs_work, write_results
+from align.records import RecordIndex, StateDir, write_summary
 from align.report import report_or_warn
 from align.worker import ShardJob
 from facenet_nets.weights import verify_weights
 
 # options whose change changes the output: a resumed run must use the same ones
 OUTPUT_OPTIONS = ("image_size", "margin", "detect_multiple_faces", "min_face_size",
-                  "thresholds", "factor", "format")
+                  "thresholds", "factor", "format", "align")
 LOG_EVERY_S = 10.0
 
 
@@ -158,8 +158,10 @@ def _run(config, engine, input_dir, output_dir, output_arg, state, found_outputs
     options = {k: getattr(config, k) for k in OUTPUT_OPTIONS}
     options["thresholds"] = list(options["thresholds"])
     previous = state.options()
+    if previous is not None:
+        previous.setdefault("align", "box")     # a run begun before --align existed
     if config.overwrite:
-        for record in state.load_all().values():     # start over: what we wrote goes too
+        for record in state.each_record():           # start over: what we wrote goes too
             for written in record.get("written", ()):
                 (output_dir / written["output"]).unlink(missing_ok=True)
         state.reset()
@@ -182,9 +184,9 @@ def _run(config, engine, input_dir, output_dir, output_arg, state, found_outputs
         folder.mkdir(exist_ok=True)
     if config.overwrite:
         _remove_unjournaled_outputs(output_dir, job.tasks)
-    records = state.load_all()
-    pending = [t for t in job.tasks if needs_work(records.get(t.rel))]
-    del records
+    index = RecordIndex(job.tasks, state, output_arg)     # where each task's record lies
+    index.scan()
+    pending = index.pending()
     if config.random_order:
         random.shuffle(pending)
     shards = cut_shards(pending, config.workers)
@@ -197,9 +199,8 @@ def _run(config, engine, input_dir, output_dir, output_arg, state, found_outputs
         progress.close()
     t_end = time.perf_counter()
 
-    records = state.load_all()
-    ordered = [records[t.rel] for t in job.tasks]
-    counts = count(ordered)
+    index.update(shards)
+    counts = index.merge(output_dir)        # faces.jsonl and bounding_boxes.txt, in input order
     # from every worker holding its nets (they start together) to the last shard's records
     processing_s = (ran.done_at - ran.ready_at) if ran else t_end - t_work
     summary = {
@@ -217,6 +218,6 @@ def _run(config, engine, input_dir, output_dir, output_arg, state, found_outputs
         "images_per_s": round(len(pending) / processing_s, 2) if processing_s > 0 else None,
         "peak_rss_mb": round(_peak_rss_mb(), 1),
     }
-    write_results(output_dir, output_arg, ordered, summary)
+    write_summary(output_dir, summary)
     report_or_warn(output_dir, config)
     return summary

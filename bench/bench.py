@@ -1,6 +1,7 @@
 """Photos per second of align_dataset against facenet's original loop, on one folder.
 
-Usage: python bench/bench.py DATA [--rounds 3]      (make bench DATA=...)
+Usage: python bench/bench.py DATA [--rounds 3] [--arcface] [--engine dask]
+       (make bench DATA=... BENCH_ARGS=--arcface ENGINE=dask)
 
 DATA is a folder in LFW layout (DATA/<identity>/<photos>). Measured on the same photos:
 
@@ -12,6 +13,11 @@ DATA is a folder in LFW layout (DATA/<identity>/<photos>). Measured on the same 
   align_dataset        `align_dataset DATA OUT --image_size 160 --margin 44 --overwrite
                        --quiet` in a process of its own, with the threads it chooses; its
                        numbers are read from OUT/summary.json.
+
+  --align arcface      with --arcface: `align_dataset DATA OUT --align arcface --overwrite
+                       --quiet` (112 px warps onto the ArcFace template) in the same rounds,
+                       beside the box mode above; its photos/s and the ratio to box mode are
+                       printed too.
 
 and for each a detect-only figure: every photo decoded first (as facenet decodes), then only
 the detector is timed (facenet: detect_face per photo; ours: Detector.detect_batch over chunks
@@ -62,8 +68,11 @@ CHUNK = 64                   # photos per detect_batch call in ours' detect-only
 TIMEOUT_S = 3 * 3600         # per process
 ALIGN_ARGS = ["--image_size", "160", "--margin", "44", "--overwrite", "--quiet"]
 FACENET, OURS = "facenet 1.0.5 loop", "align_dataset"
-# further runs of align_dataset, each compared with OURS in the same round: name -> extra args
-VARIANTS = {"dask": ("align_dataset --engine dask", ["--engine", "dask", "--workers", str(usable_cores())])}
+# further runs of align_dataset, each compared with OURS in the same round: name -> (label, args)
+VARIANTS = {
+    "dask": ("align_dataset --engine dask", ALIGN_ARGS + ["--engine", "dask", "--workers", str(usable_cores())]),
+    "arcface": ("align_dataset --align arcface", ["--align", "arcface", "--overwrite", "--quiet"]),
+}
 
 
 # ---------------------------------------------------------------- the machine
@@ -184,9 +193,9 @@ def run_facenet(data: Path, work: Path) -> dict:
     return run
 
 
-def run_ours(data: Path, work: Path, extra: list[str] = ()) -> dict:
+def run_ours(data: Path, work: Path, args: list[str] = ALIGN_ARGS) -> dict:
     out = work / "ours"
-    run = run_child(align_command() + [str(data), str(out)] + ALIGN_ARGS + list(extra), work / "ours.log")
+    run = run_child(align_command() + [str(data), str(out)] + args, work / "ours.log")
     s = read_json(out / "summary.json")
     per_s = s.get("images_per_s")
     if per_s is None and s.get("images") and s.get("processing_s"):
@@ -289,7 +298,8 @@ def summarise(rounds: list[dict]) -> dict:
             "failed_runs": sum(r.get("exit_code") != 0 for r in e2e + det),
         }
     busy = [r.get("other_cores_busy") for r in (e for rd in rounds for e in
-            (rd[FACENET], rd[OURS], rd[OURS]["detect_only"]))]
+            (rd[FACENET], rd[OURS], rd[OURS]["detect_only"],
+             *(rd[label] for label, _ in VARIANTS.values() if label in rd)))]
     best["max_other_cores_busy"] = pick(busy, max)
     f, o = best[FACENET], best[OURS]
     best["ratio"] = {k: (round(o[k] / f[k], 2) if o[k] and f[k] else None)
@@ -299,6 +309,8 @@ def summarise(rounds: list[dict]) -> dict:
         per_s = pick([r[name].get("e2e_per_s") for r in rounds], max)
         best["variants"][name] = {
             "e2e_per_s": per_s, "wall_s": pick([r[name].get("wall_s") for r in rounds], min),
+            "written": pick([r[name].get("written") for r in rounds], max),
+            "failed_runs": sum(r[name].get("exit_code") != 0 for r in rounds),
             "ratio_to_ours": round(per_s / o["e2e_per_s"], 2) if per_s and o["e2e_per_s"] else None}
     return best
 
@@ -330,12 +342,13 @@ def table(report: dict) -> str:
                  f"{OURS} {fmt(o['wall_s'], ' s', 0)} (process wall {fmt(o['process_wall_s'], ' s', 0)})")
     for name, v in best.get("variants", {}).items():
         lines.append(f"{name:22} {fmt(v['e2e_per_s'], ' /s', 11)}   {fmt(v['ratio_to_ours'], 'x', 0, 2)} "
-                     f"of {OURS}'s photos/s in the same rounds; whole run {fmt(v['wall_s'], ' s', 0)}")
+                     f"of {OURS}'s photos/s in the same rounds; whole run {fmt(v['wall_s'], ' s', 0)}, "
+                     f"{v['written']} thumbnails")
     lines.append(f"thumbnails written: {FACENET} {f['written']}, {OURS} {o['written']}"
                  f" (of {report['photos']} photos; images counted: {f['photos']} / {o['photos']})")
-    for name in (FACENET, OURS):
-        if best[name]["failed_runs"]:
-            lines.append(f"WARNING: {best[name]['failed_runs']} run(s) of {name} failed; see "
+    for name, b in [(FACENET, best[FACENET]), (OURS, best[OURS]), *best["variants"].items()]:
+        if b["failed_runs"]:
+            lines.append(f"WARNING: {b['failed_runs']} run(s) of {name} failed; see "
                          f"'error' in 'runs' of the JSON report")
     if (best["max_other_cores_busy"] or 0) > 0.1:
         lines.append(f"WARNING: other processes kept up to {best['max_other_cores_busy']:.2f} "
@@ -358,6 +371,8 @@ def bench(data: Path, rounds: int, variants: list[str] = ()) -> dict:
               "commands": {FACENET: "bench/facenet_loop.py DATA OUT --json RESULT",
                            OURS: " ".join(align_command() + ["DATA", "OUT"] + ALIGN_ARGS)},
               "chunk": CHUNK, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    for v in variants:
+        report["commands"][VARIANTS[v][0]] = " ".join(align_command() + ["DATA", "OUT"] + VARIANTS[v][1])
     with tempfile.TemporaryDirectory(prefix="align-bench-") as tmp:
         report["runs"] = [one_round(i, data, Path(tmp), list(variants)) for i in range(rounds)]
     report["best"] = summarise(report["runs"])
@@ -370,6 +385,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--engine", choices=["local", "dask"], default="local",
                     help="dask: also run align_dataset --engine dask in every round")
+    ap.add_argument("--arcface", action="store_true",
+                    help="also time align_dataset --align arcface in every round, beside box mode")
     ap.add_argument("--detect-only-ours", nargs=2, metavar=("INPUT", "RESULT_JSON"),
                     help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -381,7 +398,7 @@ def main(argv=None) -> int:
     if args.rounds < 1:
         ap.error("--rounds must be >= 1")
     data = Path(args.data).resolve()
-    report = bench(data, args.rounds, ["dask"] if args.engine == "dask" else [])
+    report = bench(data, args.rounds, ["dask"] * (args.engine == "dask") + ["arcface"] * args.arcface)
     print(table(report))
     OUT_DIR.mkdir(exist_ok=True)
     path = OUT_DIR / f"bench-{data.name}.json"

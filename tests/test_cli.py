@@ -1016,3 +1016,152 @@ def test_overwrite_after_a_killed_run_leaves_no_unjournaled_thumbnail(sample_dir
         (out / name).unlink()
     ok(run_align(sample_dir, "out", "--overwrite", "--workers", 1, "--image_size", 160, cwd=tmp_path))
     assert_same_tree(default_run[1], out)
+
+
+# --- 12. --align arcface -------------------------------------------------------------------------
+
+ARCFACE_CLASSES = ["Eileen_Collins", "Grace_Hopper", "Group"]
+
+
+@pytest.fixture(scope="module")
+def arcface_run(sample_dir, tmp_path_factory) -> Path:
+    """The samples with --align arcface and every face (t1.jpg has six); defaults otherwise."""
+    cwd = tmp_path_factory.mktemp("arcface")
+    ok(run_align(sample_dir, "out", "--align", "arcface", "--detect_multiple_faces", "--workers", 1,
+                 "--quiet", cwd=cwd))
+    return cwd / "out"
+
+
+def test_arcface_thumbnails_are_insightfaces_norm_crop(arcface_run, sample_dir):
+    """Every written face: insightface 2.1's own estimate_norm and norm_crop (tests/
+    insightface_reference.py) on the landmarks recorded, the very PNG written, and its records."""
+    import insightface_reference as ref
+    from align.imageio import decode_image
+    from align.warp import footprint
+    recs = records(arcface_run)
+    assert [r["status"] for r in recs] == ["aligned"] * 3
+    assert [len(r["written"]) for r in recs] == [1, 1, 6]
+    for r in recs:
+        image = decode_image(sample_dir / r["input"])
+        for w in r["written"]:
+            assert set(w) == {"face", "crop_box", "matrix", "template", "output"}
+            assert w["template"] == "arcface"
+            matrix, expected = ref.norm_crop(image, np.array(r["faces"][w["face"]]["landmarks"]), 112)
+            assert np.abs(np.array(w["matrix"]) - matrix).max() <= 1e-5, w
+            most, _ = ref.compare(png_rgb(arcface_run / w["output"]), expected)
+            assert most <= 1, (w["output"], most)
+            assert w["crop_box"] == list(footprint(np.array(w["matrix"]), (112, 112), image.shape[:2]))
+            # the face's landmarks lie in the part of the photo the thumbnail shows
+            left, top, right, bottom = w["crop_box"]
+            for x, y in r["faces"][w["face"]]["landmarks"]:
+                assert left <= x < right and top <= y < bottom
+    assert bbox_lines(arcface_run) == [f"out/{w['output']} {' '.join(map(str, w['crop_box']))}"
+                                       for r in recs for w in r["written"]]
+    options = json.loads((arcface_run / ".align_dataset" / "options.json").read_text())
+    assert (options["align"], options["image_size"], options["margin"]) == ("arcface", 112, None)
+
+
+def test_arcface_output_is_read_by_keras(arcface_run):
+    """A trainer's loader: class folders -> (image, label) batches; the state folder is no class."""
+    import tensorflow as tf
+    ds = tf.keras.utils.image_dataset_from_directory(arcface_run, image_size=(112, 112), shuffle=False,
+                                                     batch_size=4)
+    assert ds.class_names == ARCFACE_CLASSES
+    images, labels = zip(*((x.numpy(), y.numpy()) for x, y in ds.unbatch()))
+    assert len(images) == 8 and list(labels) == [0, 1] + [2] * 6
+    assert {im.shape for im in images} == {(112, 112, 3)}
+    written = sorted(p for p in arcface_run.glob("*/*.png"))
+    for image, path in zip(images, written):     # same order: class, then file name
+        assert np.array_equal(image.astype(np.uint8), png_rgb(path)), path   # read unresized
+
+
+def test_margin_with_arcface_is_a_usage_error(sample_dir, tmp_path):
+    for margin in ("44", "0"):
+        p = run_align(sample_dir, tmp_path / "out", "--align", "arcface", "--margin", margin, timeout=60)
+        assert p.returncode == 2, describe(p)
+        assert "margin" in one_error_line(p)
+        assert not (tmp_path / "out").exists()
+
+
+def test_resume_with_another_align_is_refused(arcface_run, sample_dir, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(arcface_run, out)
+    before = snapshot(out)
+    p = run_align(sample_dir, out, "--detect_multiple_faces", "--workers", 1, timeout=60)
+    assert p.returncode == 2, describe(p)
+    line = one_error_line(p)
+    assert "align arcface -> box" in line and "--overwrite" in line
+    assert snapshot(out) == before, "a refused run changed the output"
+
+
+def test_arcface_from_python_is_the_flag(arcface_run, sample_dir, tmp_path):
+    """align_dataset(..., align="arcface") writes what the command writes."""
+    from align import align_dataset
+    src = tmp_path / "in" / "Group"
+    src.mkdir(parents=True)
+    shutil.copyfile(sample(sample_dir, "t1.jpg"), src / "t1.jpg")
+    s = align_dataset(tmp_path / "in", tmp_path / "out", align="arcface", detect_multiple_faces=True,
+                      workers=1, quiet=True)
+    assert s["faces_written"] == 6
+    for i in range(6):
+        name = f"Group/t1_{i}.png"
+        assert (tmp_path / "out" / name).read_bytes() == (arcface_run / name).read_bytes(), name
+    (r,) = records(tmp_path / "out")
+    assert r["written"] == next(x for x in records(arcface_run) if x["input"] == "Group/t1.jpg")["written"]
+
+
+def test_killed_arcface_run_resumes_to_the_same_bytes(sample_dir, tmp_path):
+    """20 photos, one worker: two shards of 10, so a kill after the first shard's journal
+    leaves the second to the rerun."""
+    src = tmp_path / "in"
+    photos = [sample(sample_dir, "astronaut.png"), sample(sample_dir, "grace_hopper.jpg")]
+    for k in range(20):
+        (src / f"P{k // 10}").mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(sample(sample_dir, "t1.jpg") if k == 13 else photos[k % 2],
+                        src / f"P{k // 10}" / f"{k:02d}.img")
+    args = (src, "out", "--align", "arcface", "--image_size", 128, "--detect_multiple_faces",
+            "--workers", 1, "--quiet")
+    (tmp_path / "whole").mkdir()
+    ok(run_align(*args, cwd=tmp_path / "whole"))
+    proc = start_align(*args, cwd=tmp_path)
+    out = tmp_path / "out"
+    wait_for(lambda: journal_lines(out) >= 1, proc, "a journal line was written")
+    kill_group(proc)
+    assert proc.returncode == -signal.SIGKILL
+    done = journal_lines(out)
+    assert 1 <= done < 20, "the run was not killed half-way"
+    again = ok(run_align(*args, cwd=tmp_path))
+    assert summary(out)["processed_this_run"] <= 20 - done
+    assert "Traceback" not in again.stderr, again.stderr
+    assert_same_tree(tmp_path / "whole" / "out", out, ignore_summary_keys=["processed_this_run"])
+    thumbs = list(out.glob("*/*.png"))
+    assert len(thumbs) == summary(out)["faces_written"] == 25      # t1.jpg: six faces
+    assert {png_rgb(p).shape for p in thumbs} == {(128, 128, 3)}
+
+
+def test_help_shows_the_align_modes():
+    text = " ".join(ok(run_align("--help", timeout=60)).stdout.split())
+    for expected in ["--align [box|arcface]", "default: box", "112 with --align arcface",
+                     "insightface refuses", "--align box only"]:
+        assert expected in text, expected
+
+
+def test_config_defaults_follow_the_align_mode():
+    import dataclasses
+    from align.config import Config
+    box, arc = Config(), Config(align="arcface")
+    assert (box.image_size, box.margin) == (182, 44)
+    assert (arc.image_size, arc.margin) == (112, None)
+    # align_dataset(..., align=...) is dataclasses.replace on a Config: defaults follow the mode
+    assert (dataclasses.replace(box, align="arcface").image_size,
+            dataclasses.replace(box, align="arcface").margin) == (112, None)
+    assert (dataclasses.replace(arc, align="box").image_size, dataclasses.replace(arc, align="box").margin) == (182, 44)
+    given = Config(image_size=160, margin=32)
+    assert dataclasses.replace(given, margin=None, align="arcface").image_size == 160
+    with pytest.raises(ValueError, match="margin"):
+        dataclasses.replace(given, align="arcface")
+    with pytest.raises(ValueError, match="margin"):
+        Config(align="arcface", margin=44)
+    with pytest.raises(ValueError, match="align"):
+        Config(align="similarity")
+    assert json.dumps([box.image_size, box.margin, arc.margin]) == "[182, 44, null]"

@@ -338,3 +338,20 @@ def test_dev_set_report_renders_and_lists_the_ambiguous_photos(dev_run, chromium
     assert listed and all(len(r["faces"]) > 1 for r in listed)
     no_face = [r["input"] for r in records if r["status"] == "no_face"]
     assert no_face and all(n in facts["text"]["no-face"] for n in no_face)
+
+
+def test_a_photo_in_two_sections_gets_one_picture(sample_paths, tmp_path):
+    """The sample and the ambiguous list may show the same photo: its picture is drawn once
+    (two threads writing one picture raced on its temporary name)."""
+    path = sample_paths["t1.jpg"]
+    (tmp_path / "in" / "Group").mkdir(parents=True)
+    shutil.copyfile(path, tmp_path / "in" / "Group" / "t1.jpg")
+    record = {"input": "Group/t1.jpg", "status": "aligned", "size": [1, 1],
+              "faces": [{"box": [10.0, 10.0, 50.0, 60.0], "score": 0.99,
+                         "landmarks": [[20.0, 30.0]] * 5}],
+              "written": [{"face": 0, "crop_box": [0, 0, 60, 70], "output": "Group/t1.png"}]}
+    for attempt in range(10):
+        folder = tmp_path / f"pictures{attempt}"
+        names = report._make_pictures([record] * 8, tmp_path / "in", folder)
+        assert names == {"Group/t1.jpg": report.picture_name(record)}
+        assert [p.name for p in folder.iterdir()] == [names["Group/t1.jpg"]]

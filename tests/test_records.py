@@ -1,0 +1,248 @@
+"""The streaming merge (RecordIndex): which record of an input wins, input order, torn journals,
+and bytes identical to what the in-memory merge of earlier releases wrote (kept below as the
+reference)."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+
+import pytest
+
+from align.dataset import Shard, Task, walk
+from align.records import STATUSES, Journal, RecordIndex, StateDir, bounding_box_lines, dumps
+
+OUTPUT_ARG = "~/out dir/é"      # as the user typed it: bounding_boxes.txt repeats it
+
+
+# --- the reference: the in-memory merge that RecordIndex replaces ---------------------------------
+def reference_merge(state: StateDir, tasks: list[Task], run: list[Shard] = ()) -> tuple[bytes, bytes, dict]:
+    """(faces.jsonl, bounding_boxes.txt, counts) as the runner made them before: every record
+    in a dict (load_all), each shard of this run's records over it, then ordered by task."""
+    records = state.load_all()
+    for shard in run:
+        done = state.journal(shard.key).load()
+        records.update((t.rel, done[t.rel]) for t in shard.tasks)
+    ordered = [records[t.rel] for t in tasks]
+    faces = "".join(dumps(r) + "\n" for r in ordered).encode("utf-8", "surrogateescape")
+    boxes = "".join(line for r in ordered for line in bounding_box_lines(r, OUTPUT_ARG))
+    counts = {s: 0 for s in STATUSES}
+    for r in ordered:
+        counts[r["status"]] += 1
+    counts["faces_written"] = sum(len(r.get("written", ())) for r in ordered)
+    return faces, boxes.encode("utf-8", "surrogateescape"), counts
+
+
+def merged(state: StateDir, tasks: list[Task], run: list[Shard] = ()) -> tuple[bytes, bytes, dict]:
+    out = state.root.parent
+    index = RecordIndex(tasks, state, OUTPUT_ARG)
+    index.scan()
+    index.update(run)
+    counts = index.merge(out)
+    return (out / "faces.jsonl").read_bytes(), (out / "bounding_boxes.txt").read_bytes(), counts
+
+
+def reference_journal_load(path) -> dict[str, dict]:
+    """Journal.load as it was: json.loads of each line, until the first that is torn."""
+    records, good = {}, 0
+    data = path.read_bytes()
+    for line in data.splitlines(keepends=True):
+        if not line.endswith(b"\n"):
+            break
+        try:
+            record = json.loads(line)
+        except ValueError:
+            break
+        records[record["input"]] = record
+        good += len(line)
+    with open(path, "r+b") as f:
+        f.truncate(good)
+    return records
+
+
+# --- hand-made journals -----------------------------------------------------------------------------
+def task(rel: str) -> Task:
+    return Task(rel, os.path.splitext(rel)[0])
+
+
+def record(rel: str, status: str, faces: int = 1, reason: str | None = None) -> dict:
+    out = os.path.splitext(rel)[0] + ".png"
+    r = {"input": rel, "status": status, "reason": reason, "size": None, "output": out,
+         "faces": [], "written": []}
+    if status in ("aligned", "no_face"):
+        r["size"] = [250, 187]
+    if status == "aligned":
+        r["faces"] = [{"box": [10.123456789012345 + k, 20.5, 110.25, 140.0000001], "score": 0.9999740123748779,
+                       "landmarks": [[40.1, 60.2], [80.3, 60.4], [60.5, 80.6], [45.7, 100.8], [75.9, 100.0]]}
+                      for k in range(faces)]
+        r["written"] = [{"face": k, "crop_box": [0, 1 + k, 150, 170], "output": out if faces == 1 else
+                         f"{os.path.splitext(rel)[0]}_{k}.png"} for k in range(faces)]
+    return r
+
+
+@pytest.fixture
+def state(tmp_path) -> StateDir:
+    s = StateDir(tmp_path / "out")
+    s.journals.mkdir(parents=True)
+    return s
+
+
+# names that sort otherwise than the walk orders them ("a b" < "a/"), non-ASCII, and a name
+# that was not valid UTF-8 (a surrogate escape, as os.fsdecode gives it)
+TASKS = [task(rel) for rel in ("a/2.jpg", "a/10.jpg", "a b/x.jpg", "é/ü.jpg",
+                               "z/\udcff.jpg", "z/cat.txt", "z/dog.jpg")]
+STATUS = ["aligned", "no_face", "aligned", "aligned", "unreadable", "not_an_image", "aligned"]
+
+
+def test_merge_writes_the_records_in_input_order_whatever_journal_holds_them(state):
+    recs = [record(t.rel, s, faces=2 if i == 3 else 1) for i, (t, s) in enumerate(zip(TASKS, STATUS))]
+    state.journal("c").append([recs[6], recs[0]])           # journal order is not input order
+    state.journal("a").append([recs[3], recs[5], recs[1]])
+    state.journal("b").append([recs[4], recs[2], record("gone/x.jpg", "aligned")])  # not in the walk
+    faces, boxes, counts = merged(state, TASKS)
+    assert [json.loads(line)["input"] for line in faces.splitlines()] == [t.rel for t in TASKS]
+    assert (faces, boxes, counts) == reference_merge(state, TASKS)
+    assert counts == {"aligned": 4, "no_face": 1, "unreadable": 1, "not_an_image": 1,
+                      "skipped_existing": 0, "error": 0, "faces_written": 5}
+    assert boxes.decode("utf-8", "surrogateescape").splitlines() == [
+        "~/out dir/é/a/2.png 0 1 150 170", "~/out dir/é/a/10.png",
+        "~/out dir/é/a b/x.png 0 1 150 170",
+        "~/out dir/é/é/ü_0.png 0 1 150 170", "~/out dir/é/é/ü_1.png 0 2 150 170",
+        "~/out dir/é/z/dog.png 0 1 150 170"]
+    assert b"\\udcff" in faces                     # the journal's JSON escape, copied as it is
+
+
+@pytest.mark.parametrize("error_journal, retry_journal", [("a", "b"), ("b", "a")])
+def test_a_finished_record_wins_over_an_error_in_another_journal(state, error_journal, retry_journal):
+    tasks = [task("p/x.jpg"), task("p/y.jpg"), task("p/z.jpg")]
+    state.journal(error_journal).append([record("p/x.jpg", "error", reason="MemoryError: "),
+                                         record("p/y.jpg", "aligned")])
+    state.journal(retry_journal).append([record("p/x.jpg", "aligned"),
+                                         record("p/z.jpg", "error", reason="OSError: full")])
+    index = RecordIndex(tasks, state, OUTPUT_ARG)
+    index.scan()
+    assert index.pending() == [tasks[2]]
+    faces, boxes, counts = merged(state, tasks)
+    assert [json.loads(line)["status"] for line in faces.splitlines()] == ["aligned", "aligned", "error"]
+    assert (faces, boxes, counts) == reference_merge(state, tasks)
+    assert counts["error"] == 1 and counts["aligned"] == 2
+
+
+def test_within_a_journal_the_last_line_of_an_input_counts(state):
+    tasks = [task("p/x.jpg")]
+    state.journal("a").append([record("p/x.jpg", "error", reason="first")])
+    state.journal("a").append([record("p/x.jpg", "no_face")])       # the retry, same shard
+    assert merged(state, tasks) == reference_merge(state, tasks)
+    assert merged(state, tasks)[2]["no_face"] == 1
+
+
+@pytest.mark.parametrize("old, new", [("a", "b"), ("b", "a")])
+def test_a_runs_own_outcome_wins_over_an_older_error(state, old, new):
+    """x failed in an old journal and fails again in this run's shard (another reason): the
+    run reports its own failure, wherever the journals sort (as the in-memory merge did)."""
+    tasks = [task("p/x.jpg"), task("p/y.jpg")]
+    state.journal(old).append([record("p/x.jpg", "error", reason="old"), record("p/y.jpg", "aligned")])
+    index = RecordIndex(tasks, state, OUTPUT_ARG)
+    index.scan()
+    assert index.pending() == [tasks[0]]
+    shard = Shard(new, (tasks[0],))
+    state.journal(new).append([record("p/x.jpg", "error", reason="new")])     # what the run did
+    index.update([shard])
+    index.merge(state.root.parent)
+    faces = (state.root.parent / "faces.jsonl").read_bytes()
+    assert faces == reference_merge(state, tasks, [shard])[0]
+    assert json.loads(faces.splitlines()[0])["reason"] == "new"
+
+
+def test_torn_tails_are_cut_as_journal_load_cuts_them(state):
+    tasks = [task(f"p/{i}.jpg") for i in range(4)]
+    state.journal("a").append([record(t.rel, "aligned") for t in tasks[:2]])
+    with open(state.journals / "a.jsonl", "ab") as f:                     # killed mid-write
+        f.write(dumps(record(tasks[2].rel, "aligned")).encode()[:50])
+    state.journal("b").append([record(tasks[3].rel, "no_face")])
+    with open(state.journals / "b.jsonl", "ab") as f:                     # a line of garbage
+        f.write(b'{"input": "p/2.jpg", "status": "aligned", \x00\x00\n')
+        f.write((dumps(record(tasks[2].rel, "no_face")) + "\n").encode())
+    index = RecordIndex(tasks, state, OUTPUT_ARG)
+    index.scan()
+    assert index.pending() == [tasks[2]]                # neither torn line counts
+    for name in ("a", "b"):                             # both cut after their last good line
+        assert state.journal(name).path.read_bytes().endswith(b"]}\n")
+        assert len(state.journal(name).path.read_bytes().splitlines()) == {"a": 2, "b": 1}[name]
+    state.journal("c").append([record(tasks[2].rel, "aligned")])
+    assert merged(state, tasks) == reference_merge(state, tasks)
+
+
+def test_an_input_without_a_record_stops_the_merge_and_leaves_no_output(state):
+    tasks = [task("p/x.jpg"), task("p/y.jpg")]
+    state.journal("a").append([record("p/x.jpg", "aligned")])
+    index = RecordIndex(tasks, state, OUTPUT_ARG)
+    index.scan()
+    assert index.pending() == [tasks[1]]
+    with pytest.raises(RuntimeError, match="p/y.jpg"):
+        index.merge(state.root.parent)
+    assert not (state.root.parent / "faces.jsonl").exists()
+
+
+def test_no_journals_no_records(state):
+    index = RecordIndex([], state, OUTPUT_ARG)
+    index.scan()
+    assert index.pending() == []
+    assert index.merge(state.root.parent)["faces_written"] == 0
+    assert (state.root.parent / "faces.jsonl").read_bytes() == b""
+
+
+def test_many_journals_more_than_the_merge_keeps_open(state):
+    """Records spread over more journals than MAX_OPEN_JOURNALS, interleaved (a random-order
+    run's shards), still merge to the reference."""
+    tasks = [task(f"id{i % 7}/{i:03d}.jpg") for i in range(300)]
+    tasks.sort(key=lambda t: t.rel)
+    for j in range(100):
+        state.journal(f"{j:03d}").append([record(t.rel, STATUS[k % 4]) for k, t in enumerate(tasks)
+                                          if k % 100 == j])
+    assert merged(state, tasks) == reference_merge(state, tasks)
+
+
+# --- Task ---------------------------------------------------------------------------------------------
+def test_task_keeps_its_fields_through_pickle_and_compares_by_value(tmp_path):
+    for rel in ("a/x.jpg", "a/x.png", "b/1.jpg"):
+        (tmp_path / rel).parent.mkdir(exist_ok=True)
+        (tmp_path / rel).write_bytes(b"")
+    tasks = walk(tmp_path).tasks
+    assert [(t.rel, t.out_base) for t in tasks] == [("a/x.jpg", "a/x.jpg"), ("a/x.png", "a/x.png"),
+                                                    ("b/1.jpg", "b/1")]
+    other = Task("a/x.jpg", "elsewhere/x")              # an out_base that is no prefix of rel
+    for t in [*tasks, other]:
+        assert pickle.loads(pickle.dumps(t)) == t
+        assert hash(pickle.loads(pickle.dumps(t))) == hash(t)
+    assert other.out_base == "elsewhere/x" and other != tasks[0]
+    assert not hasattr(tasks[0], "__dict__")
+
+
+A = '{"input": "p/a.jpg", "status": "aligned", "written": []}'
+B = '{"input": "p/b.jpg", "status": "no_face", "written": []}'
+
+
+@pytest.mark.parametrize("text", [
+    f"{A}\n{B}\n",
+    f"{A}  \n{B}\n",                              # trailing blanks: json.loads takes them
+    f" {A}\n\t{B}\n",                             # leading blanks too
+    f"{A} x\n{B}\n",                               # but not what follows the value
+    f'{A}\n{{"input": "p/c.jpg", "x": [1,\n2]}}\n{B}\n',   # a value over two lines
+    f'{A}\n{{"input": "p/\u00e9.jpg", "status": "aligned"}}\n{B}\n',   # not ASCII
+    f'{A}\n{{"input": "p/c.jpg", "status": "ali\x00\x00\x00\x00\n{B}\n',  # zeros of a crash
+    f"{A}\n{B}",                                   # torn tail
+    f"{A}\n[1, 2]\n",                             # JSON, not a record: both fail alike
+])
+def test_journal_reads_each_line_as_json_loads_does(tmp_path, text):
+    ours, theirs = tmp_path / "ours.jsonl", tmp_path / "theirs.jsonl"
+    for path in (ours, theirs):
+        path.write_bytes(text.encode("utf-8"))
+    try:
+        expected = reference_journal_load(theirs)
+    except TypeError:                               # a line that is JSON but no record
+        with pytest.raises(TypeError):
+            Journal(ours).load()
+        return
+    assert Journal(ours).load() == expected
+    assert ours.read_bytes() == theirs.read_bytes()  # cut at the same place
