@@ -2,7 +2,8 @@
 
 - The cluster: a connected `distributed.Client`, or the scheduler at an address (or
   DASK_SCHEDULER_ADDRESS), or a LocalCluster of `workers` processes, one thread each, started
-  for the run and closed after it.
+  for the run and closed after it (as many as there are shards and as memory holds, as for
+  the local engine).
 - Before any shard is sent, every worker checks that it sees INPUT_DIR, can write into
   OUTPUT_DIR and has the weights: they must be at the same paths on every worker (a shared file
   system). A worker that cannot is named in the error.
@@ -23,6 +24,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -31,6 +33,7 @@ import dask
 import distributed
 from distributed.diagnostics.plugin import WorkerPlugin
 
+from align.config import bounded_workers
 from align.dataset import Shard
 from align.durable import write_atomic
 from align.engines import EngineRun, Interrupted, JobError
@@ -102,7 +105,7 @@ class DaskEngine:
         self.client = client
 
     @contextlib.contextmanager
-    def _connect(self):
+    def _connect(self, shards: int):
         """A client on the cluster; closed afterwards if opened here (a LocalCluster too)."""
         if self.client is not None:
             yield self.client
@@ -115,16 +118,19 @@ class DaskEngine:
             with client:
                 yield client
             return
+        workers, warning = bounded_workers(self.workers, shards)
+        if warning:
+            print(f"align_dataset: {warning}", file=sys.stderr, flush=True)
         with worker_malloc_env():
             cluster = distributed.LocalCluster(
-                n_workers=self.workers, threads_per_worker=1, processes=True,
+                n_workers=workers, threads_per_worker=1, processes=True,
                 dashboard_address=":0", silence_logs=logging.ERROR)
         with cluster, distributed.Client(cluster) as client:
             yield client
 
     def run(self, job: ShardJob, shards: list[Shard], progress: Progress) -> EngineRun:
         try:
-            with self._connect() as client:
+            with self._connect(len(shards)) as client:
                 return self._run(client, job, shards, progress)
         except KeyboardInterrupt:
             raise Interrupted() from None
