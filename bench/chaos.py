@@ -80,28 +80,25 @@ def differences(a: dict, b: dict) -> list[str]:
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
 
-def group_members(pgid: int) -> list[int]:
-    out = []
+def live_processes() -> list[tuple[int, int, int]]:
+    """(pid, parent pid, process group) of every process that is not a zombie (Linux /proc)."""
+    table = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except (OSError, IndexError):
             continue
-        if fields[0] != "Z" and int(fields[2]) == pgid:
-            out.append(int(stat.parent.name))
-    return out
+        if fields[0] != "Z":
+            table.append((int(stat.parent.name), int(fields[1]), int(fields[2])))
+    return table
+
+
+def group_members(pgid: int) -> list[int]:
+    return [pid for pid, _, group in live_processes() if group == pgid]
 
 
 def children(pid: int) -> list[int]:
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[1]) == pid and fields[0] != "Z":
-            out.append(int(stat.parent.name))
-    return out
+    return [child for child, parent, _ in live_processes() if parent == pid]
 
 
 def workers_of(pid: int) -> list[int]:

@@ -82,17 +82,21 @@ def kill_group(proc: subprocess.Popen) -> None:
         time.sleep(0.05)  # workers being torn down
 
 
-def live_group_members(pgid: int) -> list[int]:
-    """Processes of process group pgid that are not zombies (Linux /proc; [] elsewhere)."""
-    members = []
+def processes() -> list[tuple[int, str, int, int]]:
+    """(pid, state, parent pid, process group) of every process (Linux /proc; [] elsewhere)."""
+    table = []
     for entry in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = entry.read_text().rsplit(")", 1)[1].split()
         except (OSError, IndexError):
             continue
-        if fields[0] != "Z" and int(fields[2]) == pgid:
-            members.append(int(entry.parent.name))
-    return members
+        table.append((int(entry.parent.name), fields[0], int(fields[1]), int(fields[2])))
+    return table
+
+
+def live_group_members(pgid: int) -> list[int]:
+    """Processes of process group pgid that are not zombies."""
+    return [pid for pid, state, _, group in processes() if state != "Z" and group == pgid]
 
 
 def journal_lines(out: Path) -> int:
@@ -888,15 +892,7 @@ def test_workers_start_with_malloc_settings_and_the_caller_keeps_its_environment
 
 
 def children_of(pid: int) -> list[int]:
-    out = []
-    for entry in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = entry.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[1]) == pid:
-            out.append(int(entry.parent.name))
-    return out
+    return [child for child, _, parent, _ in processes() if parent == pid]
 
 
 @pytest.mark.parametrize("moment", ["first_worker_exists", "workers_starting", "first_journal_line"])
