@@ -99,6 +99,19 @@ def test_a_killed_dask_client_leaves_nothing_running_and_the_local_engine_finish
     assert_same_tree(local_run, out, ignore_summary_keys=IGNORE)
 
 
+def test_ctrl_c_stops_a_dask_run_cleanly_and_the_rerun_completes(photos, local_run, tmp_path):
+    proc = start_align(photos, "out", "--engine", "dask", "--workers", 2, cwd=tmp_path)
+    out = tmp_path / "out"
+    wait_for(lambda: journal_lines(out) >= 1, proc, "a journal line was written")
+    os.killpg(proc.pid, signal.SIGINT)          # as a terminal does: the whole process group
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, f"exit {proc.returncode}\n{stdout}\n{stderr}"
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    assert "resume" in stderr
+    ok(run_align(photos, "out", "--engine", "dask", "--workers", 2, "--quiet", cwd=tmp_path))
+    assert_same_tree(local_run, out, ignore_summary_keys=IGNORE)
+
+
 @pytest.fixture()
 def scheduler(tmp_path):
     """A Dask scheduler started as a command, on a free loopback port; its address."""

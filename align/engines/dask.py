@@ -24,7 +24,9 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -47,13 +49,18 @@ CONNECT_TIMEOUT_S = 30
 
 class NetsPlugin(WorkerPlugin):
     """Loads the nets into the worker process when the worker starts (or when registered),
-    off the worker's event loop, TensorFlow on the worker's nthreads threads."""
+    off the worker's event loop, TensorFlow on the worker's nthreads threads. In the workers
+    of a LocalCluster started for the run, `quiet_sigint`: Ctrl-C at the terminal reaches the
+    whole process group, and the client alone handles it (it closes the cluster)."""
     idempotent = True
 
-    def __init__(self, gpu_memory_fraction: float = 1.0):
+    def __init__(self, gpu_memory_fraction: float = 1.0, quiet_sigint: bool = False):
         self.gpu_memory_fraction = gpu_memory_fraction
+        self.quiet_sigint = quiet_sigint
 
     async def setup(self, worker):
+        if self.quiet_sigint and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         await asyncio.get_running_loop().run_in_executor(
             None, load_nets, worker.state.nthreads, self.gpu_memory_fraction)
 
@@ -103,6 +110,7 @@ class DaskEngine:
         self.workers = workers
         self.scheduler = scheduler or dask.config.get("scheduler-address", None)
         self.client = client
+        self.own_cluster = client is None and not self.scheduler
 
     @contextlib.contextmanager
     def _connect(self, shards: int):
@@ -145,7 +153,7 @@ class DaskEngine:
             if problem:
                 raise JobError(f"Dask worker {address} {problem}: INPUT_DIR and OUTPUT_DIR must be "
                                f"at the same paths on every worker (a shared file system)")
-        client.register_plugin(NetsPlugin(job.config.gpu_memory_fraction), name=PLUGIN)
+        client.register_plugin(NetsPlugin(job.config.gpu_memory_fraction, self.own_cluster), name=PLUGIN)
         info = client.scheduler_info()
         workers = info["workers"].values()
         gpus = bool(workers) and all("GPU" in w.get("resources", {}) for w in workers)
