@@ -146,7 +146,11 @@ class DaskEngine:
     def _run(self, client, job: ShardJob, shards: list[Shard], progress: Progress) -> EngineRun:
         if not job.config.quiet and "dashboard" in client.scheduler_info().get("services", {}):
             print(f"align_dataset: Dask dashboard at {client.dashboard_link}", flush=True)
-        client.wait_for_workers(1, timeout=CONNECT_TIMEOUT_S)
+        try:
+            client.wait_for_workers(1, timeout=CONNECT_TIMEOUT_S)
+        except (asyncio.TimeoutError, TimeoutError):
+            raise JobError(f"no Dask worker joined the scheduler within {CONNECT_TIMEOUT_S} s: "
+                           f"start workers (dask worker ADDRESS --nthreads 1), then rerun") from None
         first = shards[0].tasks[0].rel if shards else None
         problems = client.run(_probe, os.fspath(job.input_dir), os.fspath(job.output_dir), first)
         for address, problem in sorted(problems.items()):
