@@ -53,12 +53,19 @@ def run_align(*args, cwd=None, timeout=300, env=None) -> subprocess.CompletedPro
                           capture_output=True, text=True, errors="replace", timeout=timeout)
 
 
+def _as_from_a_terminal() -> None:
+    """In the child before it runs: SIGINT as a terminal's command has it, even where the
+    suite itself was started in the background of a script (which ignores SIGINT, and that is
+    inherited)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_align(*args, cwd=None) -> subprocess.Popen:
     """The command in the background, as the leader of a process group of its own (its
     workers included), so that the group can be signalled as a terminal would."""
     return subprocess.Popen(align_cmd(*args), cwd=cwd, env=cli_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, errors="replace",
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_as_from_a_terminal)
 
 
 def describe(p) -> str:
