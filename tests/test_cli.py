@@ -131,6 +131,17 @@ def wait_for(condition, proc: subprocess.Popen, what: str, timeout: float = 180)
     pytest.fail(f"timed out waiting for {what}")
 
 
+def kill_after_a_journal_line(proc: subprocess.Popen, out: Path, inputs: int) -> int:
+    """kill -9 the command and its workers once a first record is journaled; returns how
+    many records were, checking that the run was killed half-way."""
+    wait_for(lambda: journal_lines(out) >= 1, proc, "a journal line was written")
+    kill_group(proc)
+    assert proc.returncode == -signal.SIGKILL
+    done = journal_lines(out)
+    assert 1 <= done < inputs, "the run was not killed half-way"
+    return done
+
+
 # --- reading what a run left ---------------------------------------------------------------------
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -412,11 +423,7 @@ def test_killed_run_resumes_to_the_same_bytes(big_dir, reference_run, tmp_path):
     args = (big_dir, "out", "--workers", 2, "--quiet")
     proc = start_align(*args, cwd=tmp_path)
     out = tmp_path / "out"
-    wait_for(lambda: journal_lines(out) >= 1, proc, "a journal line was written")
-    kill_group(proc)
-    assert proc.returncode == -signal.SIGKILL
-    done = journal_lines(out)
-    assert 1 <= done < n_inputs(big_dir), "the run was not killed half-way"
+    done = kill_after_a_journal_line(proc, out, n_inputs(big_dir))
     assert not (out / "faces.jsonl").exists()
 
     again = ok(run_align(*args, cwd=tmp_path))
@@ -1128,11 +1135,7 @@ def test_killed_arcface_run_resumes_to_the_same_bytes(sample_dir, tmp_path):
     ok(run_align(*args, cwd=tmp_path / "whole"))
     proc = start_align(*args, cwd=tmp_path)
     out = tmp_path / "out"
-    wait_for(lambda: journal_lines(out) >= 1, proc, "a journal line was written")
-    kill_group(proc)
-    assert proc.returncode == -signal.SIGKILL
-    done = journal_lines(out)
-    assert 1 <= done < 20, "the run was not killed half-way"
+    done = kill_after_a_journal_line(proc, out, 20)
     again = ok(run_align(*args, cwd=tmp_path))
     assert summary(out)["processed_this_run"] <= 20 - done
     assert "Traceback" not in again.stderr, again.stderr

@@ -2,6 +2,7 @@
 import os
 import shutil
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,16 +23,28 @@ def test_load_verifies_and_returns_layer_dicts(weights):
     assert w.load_weights("det3.npy", weights)["conv6-3"]["weights"].shape == (256, 10)
 
 
-def test_tampered_file_is_refused_before_unpickling(weights, tmp_path):
+class _Payload:
+    """Unpickled, it creates the file `marker`: proof that a pickle ran."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def copies_and_payload(weights: Path, folder: Path, payload: Path) -> Path:
+    """The three weight files copied into `folder`, and a pickle payload saved as `payload`;
+    returns the marker file the payload would create."""
     for name in w.SHA256:
-        shutil.copy(weights / name, tmp_path / name)
-    marker = tmp_path / "unpickled"
+        shutil.copy(weights / name, folder / name)
+    marker = folder / "unpickled"
+    np.save(payload, np.array(_Payload(marker), dtype=object), allow_pickle=True)
+    return marker
 
-    class Payload:
-        def __reduce__(self):
-            return (open, (str(marker), "w"))
 
-    np.save(tmp_path / "det2.npy", np.array(Payload(), dtype=object), allow_pickle=True)
+def test_tampered_file_is_refused_before_unpickling(weights, tmp_path):
+    marker = copies_and_payload(weights, tmp_path, tmp_path / "det2.npy")
     with pytest.raises(w.WeightsError, match="refusing to unpickle"):
         w.load_weights("det2.npy", tmp_path)
     assert not marker.exists()
@@ -74,16 +87,8 @@ def _swap_on_second_open(event, args):
 def test_a_file_swapped_after_the_check_is_never_unpickled(weights, tmp_path):
     """The race: the file is hashed, then replaced by a pickle payload before it is unpickled.
     The file's bytes are read once, so the payload is never even opened."""
-    for name in w.SHA256:
-        shutil.copy(weights / name, tmp_path / name)
-    marker = tmp_path / "unpickled"
-
-    class Payload:
-        def __reduce__(self):
-            return (open, (str(marker), "w"))
-
     payload = tmp_path / "payload.npy"
-    np.save(payload, np.array(Payload(), dtype=object), allow_pickle=True)
+    marker = copies_and_payload(weights, tmp_path, payload)
     sys.addaudithook(_swap_on_second_open)
     _swap.update(target=tmp_path / "det2.npy", payload=payload, opens=0)
     try:
