@@ -126,7 +126,7 @@ class Aligner:
             if image is not None:
                 refusal = cost_refusal(*image.shape[:2], self.config.detect_params)
                 if refusal:         # the photo's size under these options: permanent
-                    image, status, reason = None, "unreadable", refusal
+                    image, status, reason = None, "too_costly", refusal
             batch.append((tasks[i], image, status, reason))
             pixels += 0 if image is None else image.shape[0] * image.shape[1]
             i += 1
@@ -148,7 +148,7 @@ class Aligner:
                 try:
                     faces = self.detector.detect(image, self.config.detect_params)
                 except TooCostly as e:     # the photo under these options: permanent
-                    image, status, reason = None, "unreadable", str(e)
+                    image, status, reason = None, "too_costly", str(e)
                 except Exception as e:
                     image, status, reason = None, "error", _describe(e)
             out.append((task, image, status, reason, faces))
@@ -177,7 +177,7 @@ class Aligner:
             fsync_dir(folder)
         journal.append(records)
         if progress:
-            failed = sum(r["status"] in ("unreadable", "error") for r in records)
+            failed = sum(r["status"] in ("unreadable", "too_costly", "error") for r in records)
             progress(len(records), sum(len(r["written"]) for r in records), failed)
         return records
 

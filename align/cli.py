@@ -174,8 +174,10 @@ def _command_line() -> str:
 def _print_summary(s: dict, report_written: bool) -> None:
     rate = f"{s['images_per_s']} images/s" if s["images_per_s"] else "nothing left to do"
     errors = f", {s['errors']} failed (retried by the next run)" if s["errors"] else ""
+    costly = (f", {s['too_costly']} too costly for the options (faces.jsonl says which option to change)"
+              if s.get("too_costly") else "")
     click.echo(f"{s['images']} images: {s['aligned']} aligned, {s['no_face']} no face, "
-               f"{s['unreadable']} unreadable, {s['skipped']} skipped{errors}; {s['faces_written']} "
+               f"{s['unreadable']} unreadable, {s['skipped']} skipped{costly}{errors}; {s['faces_written']} "
                f"faces written in {s['wall_s']:.1f} s ({rate}). Records: {s['output_dir']}/faces.jsonl")
     report = os.path.join(s["output_dir"], "report.html")
     if report_written and os.path.isfile(report):

@@ -140,27 +140,48 @@ def _is_dir(entry: os.DirEntry) -> bool:
         return False
 
 
-def _entries(folder: str | Path) -> list[tuple[str, bool]]:
-    """(name, is a folder) of each entry, sorted by name; read as os.scandir streams them
-    (one folder entry at a time), keeping no DirEntry."""
+def _entries(folder: str | Path) -> list[tuple[str, bool, bool]]:
+    """(name, is a folder, is a symlink) of each entry, sorted by name; read as os.scandir
+    streams them (one folder entry at a time), keeping no DirEntry."""
     with os.scandir(folder) as entries:
-        return sorted((e.name, _is_dir(e)) for e in entries)
+        return sorted((e.name, _is_dir(e), e.is_symlink()) for e in entries)
 
 
-def walk(input_dir: Path) -> Walk:
+class LinkIntoOutput(ValueError):
+    """An input that is a symbolic link into OUTPUT_DIR: the run would write over it."""
+
+
+def _check_link(path: str, output_dir: Path | None) -> None:
+    if output_dir is None:
+        return
+    target = Path(os.path.realpath(path))
+    if target == output_dir or output_dir in target.parents:
+        raise LinkIntoOutput(f"{path} is a link into OUTPUT_DIR ({target}): the run would write "
+                             f"over it; move it out of INPUT_DIR or pick another OUTPUT_DIR")
+
+
+def walk(input_dir: Path, output_dir: Path | None = None) -> Walk:
+    """The tasks of INPUT_DIR; raises LinkIntoOutput for an identity folder or a file that is
+    a symbolic link into `output_dir` (its thumbnails, say: a second run would overwrite
+    them). Links are the only entries resolved: the walk costs no stat per file."""
     tasks, skipped = [], []
-    for identity, is_dir in _entries(input_dir):
+    guard = Path(os.path.realpath(output_dir)) if output_dir is not None else None
+    for identity, is_dir, is_link in _entries(input_dir):
         if not is_dir:
             skipped.append(identity)
             continue
+        if is_link:
+            _check_link(os.path.join(input_dir, identity), guard)
         try:
             entries = _entries(os.path.join(input_dir, identity))
         except OSError:
             skipped.append(identity)
             continue
         out_identity = output_identity(identity)
-        stems = output_stems([name for name, is_dir in entries if not is_dir])
-        for name, is_dir in entries:
+        stems = output_stems([name for name, is_dir, _ in entries if not is_dir])
+        for name, is_dir, is_link in entries:
+            if is_link:
+                _check_link(os.path.join(input_dir, identity, name), guard)
             stem = _stem(name) if is_dir else stems[name]
             out = safe_name(stem, name, SUFFIX_ROOM)
             base = f"{out_identity}/{out}"

@@ -1,16 +1,26 @@
 """What a run leaves beside the thumbnails, and how a killed run picks up where it stopped.
 
-OUTPUT_DIR/.align_dataset/ holds the run's state:
-  lock                  flock'ed by the running command; a second run on the folder refuses
-  options.json          the options that shape the output; a rerun with others is refused
-  journal/<shard>.jsonl one record per finished image, appended only after its thumbnails are
-                        renamed into place (fsync'ed); a torn last line is dropped on reading
-From the journals, at the end of every run, come (written atomically, in input order):
-  faces.jsonl           one record per input file
+A finished run (exit 0) leaves plain files at the top of OUTPUT_DIR, and nothing else but the
+identity folders of thumbnails:
+  faces.jsonl           one record per input file, in input order
   bounding_boxes.txt    facenet's format: "<output path> x1 y1 x2 y2" (a written face's
                         crop_box), or "<output path>" alone (an image without a face); no
                         output path holds a line break (align/dataset.py's safe names)
-  summary.json          counts and timings
+  summary.json          counts and timings, and what a rerun must know: "options" (those that
+                        shape the output; a rerun with others is refused) and "legacy_outputs"
+A run in progress (or one killed, or stopped by an error) also has its state folder,
+OUTPUT_DIR/.align_dataset/ (StateDir):
+  lock                  flock'ed by the running command; a second run on the folder refuses
+  options.json          the options of the run, as in summary.json
+  legacy_outputs        present when the folder held thumbnails we had not written (facenet's)
+  journal/<shard>.jsonl one record per finished image, appended only after its thumbnails are
+                        renamed into place (fsync'ed); a torn last line is dropped on reading
+A run's records are faces.jsonl (the last finished run's) with the journals over it
+(RecordIndex); at its end they are merged into the top-level files (each written atomically),
+then the state folder is removed ("folded away"). A run killed at any moment leaves a state
+any run resumes: before the fold, the journals are still there; during it, what is left of
+them repeats what faces.jsonl already holds.
+
 Each written face's record: "face" (its index in "faces"), "output", and "crop_box": the part of
 the input the thumbnail shows, integer pixel edges (left, top, right, bottom) clipped to the
 image: with --align box facenet's margin box, the very pixels cropped; with --align arcface the
@@ -24,6 +34,7 @@ import errno
 import fcntl
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -34,14 +45,16 @@ from align.dataset import Shard, Task
 from align.durable import atomic_file, write_atomic
 
 STATE = ".align_dataset"
-STATUSES = ("aligned", "no_face", "unreadable", "not_an_image", "skipped_existing", "error")
+RECORDS, BOXES, SUMMARY = "faces.jsonl", "bounding_boxes.txt", "summary.json"
+STATUSES = ("aligned", "no_face", "unreadable", "too_costly", "not_an_image", "skipped_existing",
+            "error")
 _SCAN = json.JSONDecoder().scan_once       # json.loads' parser, less its checks around the value
 _SCAN_TEXT = json.JSONDecoder(parse_float=str).scan_once     # the same checks, floats as text
 
 # Permanent and retried failures, the one rule. A failure that comes from the file's content
-# (not an image, corrupt, truncated, a decompression bomb, a symlink loop, a photo too costly
-# for the options) is permanent: status "unreadable" or "not_an_image", never retried under the
-# same options. A failure that comes from the state of the file system or of the machine, which
+# (not an image, corrupt, truncated, a decompression bomb, a symlink loop) is permanent: status
+# "unreadable" or "not_an_image", never retried; so is "too_costly", a photo whose detection
+# under these options would pass align.detect's bounds (other options are another job). A failure that comes from the state of the file system or of the machine, which
 # may be otherwise at the next run, is status "error", retried by every run until it passes:
 # the errnos below (the file vanished or is not readable now, an I/O error, a full disk or
 # quota, a name or path too long for where OUTPUT_DIR is, too many open files, a read-only or
@@ -72,8 +85,11 @@ def dumps(record: dict) -> str:
     return json.dumps(record, separators=(", ", ": "))
 
 
+CHUNK_BYTES = 16 << 20      # a record file is read this much at a time (faces.jsonl may be GBs)
+
+
 class Journal:
-    """The append-only record file of one shard."""
+    """An append-only record file: a shard's journal, or faces.jsonl read as one."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -84,41 +100,37 @@ class Journal:
         return {record["input"]: record for _, _, record in self.entries()}
 
     def entries(self, floats: bool = True) -> list[tuple[int, bytes, dict]]:
-        """(byte offset, line, record) of each complete line, in file order; cuts a torn tail
-        (a last line without its newline, or a line that is not JSON, and all after it) off
-        the file. floats=False leaves the records' non-integer numbers as their JSON text
-        (for a reader that copies lines: it parses them much faster)."""
+        """Every (byte offset, line, record) of chunks(), in one list."""
+        return [entry for chunk in self.chunks(floats) for entry in chunk]
+
+    def chunks(self, floats: bool = True, chunk_bytes: int = CHUNK_BYTES) -> Iterator[list[tuple[int, bytes, dict]]]:
+        """(byte offset, line, record) of each complete line, in file order, a list per
+        `chunk_bytes` read; then cuts a torn tail (a last line without its newline, or a line
+        that is not JSON, and all after it) off the file. floats=False leaves the records'
+        non-integer numbers as their JSON text (for a reader that copies lines: it parses
+        them much faster)."""
         scan = _SCAN if floats else _SCAN_TEXT
-        entries, good = [], 0
         try:
-            data = self.path.read_bytes()
+            f = open(self.path, "rb")
         except FileNotFoundError:
-            return entries
-        # json.loads(line) for each line, as one scan of the file's text where the file is
-        # ASCII (as dumps writes it) and the line starts as a record does: a third faster
-        text = data.decode("ascii") if data.isascii() else None
-        for line in data.splitlines(keepends=True):
-            if not line.endswith(b"\n"):
-                break
-            record = None
-            if text is not None and line.startswith(b'{"'):
-                try:
-                    record, end = scan(text, good)
-                    if end != good + len(line) - 1:     # not one value and its newline
-                        record = None
-                except (ValueError, StopIteration):
-                    record = None
-            if record is None:
-                try:
-                    record = json.loads(line, parse_float=None if floats else str)
-                except ValueError:
+            return
+        good, rest, torn = 0, b"", False
+        with f:
+            size = os.fstat(f.fileno()).st_size
+            while not torn:
+                block = f.read(chunk_bytes)
+                if not block:
                     break
-            entries.append((good, line, record))
-            good += len(line)
-        if good != len(data):
+                data = rest + block
+                cut = data.rfind(b"\n") + 1
+                rest = data[cut:]
+                entries, used, torn = _parse_lines(data[:cut], good, scan, floats)
+                good += used
+                if entries:
+                    yield entries
+        if good != size:
             with open(self.path, "r+b") as f:
                 f.truncate(good)
-        return entries
 
     def append(self, records: list[dict]) -> None:
         if not records:
@@ -129,28 +141,73 @@ class Journal:
             os.fsync(f.fileno())
 
 
+def _parse_lines(data: bytes, offset: int, scan, floats: bool) -> tuple[list, int, bool]:
+    """(entries, bytes used, whether a bad line stopped it) for `data`, whole lines starting
+    at byte `offset` of their file. json.loads(line) for each line, as one scan of the text
+    where it is ASCII (as dumps writes it) and the line starts as a record does: a third
+    faster."""
+    text = data.decode("ascii") if data.isascii() else None
+    entries, pos = [], 0
+    for line in data.split(b"\n")[:-1]:
+        end = pos + len(line)
+        record = None
+        if text is not None and line.startswith(b'{"'):
+            try:
+                record, stop = scan(text, pos)
+                if stop != end:                 # not one value before the newline
+                    record = None
+            except (ValueError, StopIteration):
+                record = None
+        if record is None:
+            try:
+                record = json.loads(line, parse_float=None if floats else str)
+            except ValueError:
+                return entries, pos, True
+        entries.append((offset + pos, data[pos:end + 1], record))
+        pos = end + 1
+    return entries, pos, False
+
+
 class StateDir:
+    """OUTPUT_DIR/.align_dataset/: the state of a run that has not finished (see above)."""
+
     def __init__(self, output_dir: Path):
         self.root = output_dir / STATE
         self.journals = self.root / "journal"
         self._lock = None
 
     def lock(self) -> bool:
-        """Take the folder's lock; False when another run holds it."""
-        self.journals.mkdir(parents=True, exist_ok=True)
-        f = open(self.root / "lock", "a+")
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        """Take the folder's lock; False when another run holds it. A lock file that a
+        finishing run removed while this one opened it is not a lock: taken anew."""
+        while True:
+            self.journals.mkdir(parents=True, exist_ok=True)
+            f = open(self.root / "lock", "a+")
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                f.close()
+                return False
+            try:
+                same = os.path.samestat(os.fstat(f.fileno()), os.stat(self.root / "lock"))
+            except FileNotFoundError:
+                same = False
+            if same:
+                self._lock = f
+                return True
             f.close()
-            return False
-        self._lock = f
-        return True
 
     def unlock(self) -> None:
         if self._lock:
             self._lock.close()
             self._lock = None
+
+    def remove(self) -> None:
+        """Fold the state away, under the lock, once its records are in the top-level files:
+        the journals first (what is left of them repeats faces.jsonl), then the rest."""
+        for path in self.journal_paths():
+            path.unlink(missing_ok=True)
+        shutil.rmtree(self.root, ignore_errors=True)
+        self.unlock()
 
     def journal(self, shard_key: str) -> Journal:
         return Journal(self.journals / f"{shard_key}.jsonl")
@@ -198,6 +255,16 @@ class StateDir:
         return self.root / "legacy_outputs"
 
 
+def finished_summary(output_dir: Path) -> dict | None:
+    """summary.json of the last run that finished on `output_dir`, when that run was one of
+    this layout's (it holds the options); else None."""
+    try:
+        summary = json.loads((output_dir / SUMMARY).read_text())
+    except (FileNotFoundError, NotADirectoryError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) and isinstance(summary.get("options"), dict) else None
+
+
 def bounding_box_lines(record: dict, output_dir: str) -> list[str]:
     """facenet's bounding_boxes.txt lines for one record (none for inputs that are not
     images or that could not be read: facenet printed an error and wrote nothing)."""
@@ -227,35 +294,41 @@ class RecordIndex:
     go to a spool (an unnamed temporary file in the state folder, gone with the process);
     the merge copies bytes."""
 
-    def __init__(self, tasks: Sequence[Task], state: StateDir, output_dir_arg: str):
-        self.tasks, self.state, self.output_dir_arg = tasks, state, output_dir_arg
+    def __init__(self, tasks: Sequence[Task], state: StateDir, output_dir_arg: str,
+                 base: Path | None = None):
+        self.tasks, self.state, self.output_dir_arg, self.base = tasks, state, output_dir_arg, base
         hashes = np.fromiter((hash(t.rel) for t in tasks), np.int64, len(tasks))
         self._order = np.argsort(hashes, kind="stable")     # tasks by hash of rel: the lookup
         self._hashes = hashes[self._order]
         self.rows = np.zeros(len(tasks), ROW)
         self.rows["status"] = _NONE
+        self.rows["journal"] = -1
         self.paths: list[str] = []                  # journal numbers -> paths
         self._spool = tempfile.TemporaryFile(dir=state.root)
         self._spool_size = 0
         self.extra_statuses: dict[str, int] = {}    # statuses this version does not know
 
     def scan(self) -> None:
-        """Every journal, combined as StateDir.load_all combines them: in a journal the last
-        line for an input counts; across journals, a record replaces one that needs work.
-        Cuts torn tails as Journal.load does."""
-        for path in self.state.journal_paths():
-            found, rows = self._read(path)
-            take = np.isin(self.rows["status"][found], _TO_DO)
-            self.rows[found[take]] = rows[take]
+        """`base` (the last finished run's faces.jsonl, if any), then every journal, combined
+        as StateDir.load_all combines them: in a file the last line for an input counts;
+        across files, a record replaces one that needs work. Cuts torn tails as Journal.load
+        does."""
+        for path in ([self.base] if self.base else []) + self.state.journal_paths():
+            number = self._number(path)
+            for found, rows in self._read(path, number):
+                take = np.isin(self.rows["status"][found], _TO_DO) | (self.rows["journal"][found] == number)
+                self.rows[found[take]] = rows[take]
 
     def update(self, shards: Iterable[Shard]) -> None:
         """What a run's shards did: each task of `shards` takes the last record for it in
         its shard's journal (the run's own outcome, even where an older journal holds
         another "error" for it)."""
         for shard in shards:
-            found, rows = self._read(self.state.journal(shard.key).path)
-            take = np.isin(found, [i for i in self._find_all([t.rel for t in shard.tasks]) if i is not None])
-            self.rows[found[take]] = rows[take]
+            mine = [i for i in self._find_all([t.rel for t in shard.tasks]) if i is not None]
+            path = self.state.journal(shard.key).path
+            for found, rows in self._read(path, self._number(path)):
+                take = np.isin(found, mine)
+                self.rows[found[take]] = rows[take]
 
     def pending(self) -> list[Task]:
         """The tasks that need work (needs_work), in input order."""
@@ -281,7 +354,7 @@ class RecordIndex:
         self._spool.flush()
         journals: dict[int, int] = {}               # journal number -> open fd
         try:
-            with atomic_file(output_dir / "faces.jsonl", 1 << 20) as faces:
+            with atomic_file(output_dir / RECORDS, 1 << 20) as faces:
                 for j, offset, length in self._runs("journal", "offset", "length"):
                     fd = journals.get(j)
                     if fd is None:
@@ -291,7 +364,7 @@ class RecordIndex:
                             journals.clear()
                         fd = journals[j] = os.open(self.paths[j], os.O_RDONLY)
                     faces.write(_pread(fd, length, offset))
-            with atomic_file(output_dir / "bounding_boxes.txt", 1 << 20) as boxes:
+            with atomic_file(output_dir / BOXES, 1 << 20) as boxes:
                 spool = self._spool.fileno()
                 for _, offset, length in self._runs(None, "spool_offset", "spool_length"):
                     boxes.write(_pread(spool, length, offset))
@@ -335,24 +408,27 @@ class RecordIndex:
             pos += 1
         return None
 
-    def _read(self, path: Path) -> tuple[np.ndarray, np.ndarray]:
-        """(task indices, their ROWs) of the last line for each of the job's inputs in the
-        journal at `path`; their bounding_boxes.txt lines go to the spool."""
-        number = len(self.paths)
+    def _number(self, path: Path) -> int:
         self.paths.append(str(path))
-        entries = Journal(path).entries(floats=False)
-        latest: dict[int, tuple] = {}
-        spooled = []
-        for (offset, line, record), i in zip(entries, self._find_all([r["input"] for _, _, r in entries])):
-            if i is None:
-                continue                            # an input gone from INPUT_DIR since
-            boxes = "".join(bounding_box_lines(record, self.output_dir_arg)).encode("utf-8", "surrogateescape")
-            spooled.append(boxes)
-            latest[i] = (self._code(record["status"]), len(record.get("written", ())), number,
-                         offset, len(line), self._spool_size, len(boxes))
-            self._spool_size += len(boxes)
-        self._spool.write(b"".join(spooled))
-        return np.fromiter(latest, np.int64, len(latest)), np.array(list(latest.values()), ROW)
+        return len(self.paths) - 1
+
+    def _read(self, path: Path, number: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(task indices, their ROWs) of the last line for each of the job's inputs in each
+        chunk of the record file at `path`, journal `number` (from _number); their
+        bounding_boxes.txt lines go to the spool."""
+        for entries in Journal(path).chunks(floats=False):
+            latest: dict[int, tuple] = {}
+            spooled = []
+            for (offset, line, record), i in zip(entries, self._find_all([r["input"] for _, _, r in entries])):
+                if i is None:
+                    continue                            # an input gone from INPUT_DIR since
+                boxes = "".join(bounding_box_lines(record, self.output_dir_arg)).encode("utf-8", "surrogateescape")
+                spooled.append(boxes)
+                latest[i] = (self._code(record["status"]), len(record.get("written", ())), number,
+                             offset, len(line), self._spool_size, len(boxes))
+                self._spool_size += len(boxes)
+            self._spool.write(b"".join(spooled))
+            yield np.fromiter(latest, np.int64, len(latest)), np.array(list(latest.values()), ROW)
 
     def _code(self, status: str) -> int:
         code = _CODE.get(status)
@@ -369,4 +445,4 @@ def _pread(fd: int, length: int, offset: int) -> bytes:
 
 
 def write_summary(output_dir: Path, summary: dict) -> None:
-    write_atomic(output_dir / "summary.json", (json.dumps(summary, indent=1) + "\n").encode())
+    write_atomic(output_dir / SUMMARY, (json.dumps(summary, indent=1) + "\n").encode())

@@ -1,32 +1,36 @@
 """OUTPUT_DIR/report.html: what a run aligned, for a person to look at before training.
 
-Rebuilt at the end of every run from the records alone (faces.jsonl, summary.json and
-.align_dataset/options.json), so the report of a resumed run covers the whole job, and a rerun
-of a finished job rebuilds it. One self-contained page that opens from the file system: inline
-CSS, charts as inline SVG, pictures as relative links; no script, nothing from the network.
+Rebuilt at the end of every run from the records alone (faces.jsonl and summary.json, which
+holds the options), so the report of a resumed run covers the whole job, and a rerun of a
+finished job rebuilds it. One self-contained file, to open from the file system, mail, or attach
+to a dataset card: inline CSS, charts as inline SVG, pictures embedded as data: URIs; no script,
+nothing from the network or from beside it.
 
 Memory is bounded whatever the job's size: faces.jsonl is read one line at a time, and what is
 kept is histogram counts, two counters per identity, and capped samples chosen by a hash of
 the input path (the same job gives the same pictures, whatever order its records are in).
 
 Pictures: at most SAMPLE + AMBIGUOUS + NO_FACE (24 + 24 + 48 = 96) JPEGs of at most PICTURE_SIDE
-(320) pixels a side in OUTPUT_DIR/.align_dataset/report/, each re-encoded smaller should it
-exceed PICTURE_BYTES (60 kB): under 6 MB in all, however many photos the job has. They are
-drawn again only when their record changes. The thumbnails shown beside them are the output
-files themselves, linked, not copied.
+(320) pixels a side, each re-encoded smaller should it exceed PICTURE_BYTES (30 kB), and beside
+each at most THUMBS_PER_CARD of its thumbnails, as JPEGs of at most THUMB_SIDE pixels and
+THUMB_BYTES: MAX_PICTURE_BYTES in all (under 7 MB as base64), however many photos the job has.
+A photo's picture is drawn again only when what it shows changes (its key, a hash of the
+record's boxes, is kept beside it in the page): a rerun reuses the previous report's, and reads
+no input photo whose record is unchanged.
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import heapq
 import html
 import io
 import json
 import os
+import re
 import platform
 import sys
 import time
-import urllib.parse
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
@@ -36,17 +40,22 @@ import numpy as np
 
 from align.crop import choice_values
 from align.durable import write_atomic
-from align.records import STATE, STATUSES
+from align.records import RECORDS, STATUSES, SUMMARY
 
 REPORT = "report.html"
-PICTURES = f"{STATE}/report"        # relative to OUTPUT_DIR
 SAMPLE, AMBIGUOUS, NO_FACE = 24, 24, 48     # pictures per section, at most
 FAILED_ROWS = 500                   # rows of the unreadable/error list, at most
 IDENTITY_ROWS = 500                 # rows of the few-photos list, at most
 MIN_ALIGNED = 5                     # identities with fewer aligned photos are listed
 PICTURE_SIDE = 320                  # pixels, the longer side of a drawn photo
-PICTURE_BYTES = 60_000
-PICTURE_VERSION = "1"               # change to redraw every picture
+PICTURE_BYTES = 30_000
+THUMBS_PER_CARD = 4                 # thumbnails shown beside a photo, at most
+THUMB_SIDE = 112                    # pixels, the longer side of a thumbnail as shown
+THUMB_BYTES = 10_000
+PICTURE_VERSION = "2"               # change to redraw every picture
+MAX_PICTURE_BYTES = (SAMPLE + AMBIGUOUS + NO_FACE) * PICTURE_BYTES + \
+    (SAMPLE + AMBIGUOUS) * THUMBS_PER_CARD * THUMB_BYTES
+FAILED = ("unreadable", "too_costly", "error", "not_an_image")     # listed with their reasons
 
 # "clearly wins" (see clearly_wins)
 CLEAR_AREA_RATIO = 2.0
@@ -198,7 +207,7 @@ class Tally:
         counts[0] += 1
         if status in ("aligned", "skipped_existing"):
             counts[1] += 1
-        if status in ("unreadable", "error", "not_an_image"):
+        if status in FAILED:
             self.failed_total += 1
             if len(self.failed) < FAILED_ROWS:
                 self.failed.append((status, rel, r.get("reason") or ""))
@@ -283,12 +292,34 @@ def draw_picture(input_path: Path, record: dict) -> bytes:
             for a, b in (((left, top), (right, top)), ((right, top), (right, bottom)),
                          ((right, bottom), (left, bottom)), ((left, bottom), (left, top))):
                 _dashed(draw, a, b, colour)
-    for quality in (80, 60, 40):
+    return _jpeg(im, PICTURE_BYTES)
+
+
+def _jpeg(im, limit: int) -> bytes:
+    """A PIL image as a JPEG of at most `limit` bytes where a lower quality gets it there."""
+    for quality in (80, 60, 40, 25):
         buffer = io.BytesIO()
         im.save(buffer, format="JPEG", quality=quality)
-        if buffer.tell() <= PICTURE_BYTES:
+        if buffer.tell() <= limit:
             break
     return buffer.getvalue()
+
+
+def data_uri(jpeg: bytes) -> str:
+    return "data:image/jpeg;base64," + base64.b64encode(jpeg).decode("ascii")
+
+
+def thumbnail_picture(path: Path) -> bytes | None:
+    """A written thumbnail as shown beside its photo: a JPEG of at most THUMB_SIDE pixels a
+    side and THUMB_BYTES; None when it cannot be read."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            im.thumbnail((THUMB_SIDE, THUMB_SIDE), Image.BILINEAR)
+            return _jpeg(im, THUMB_BYTES)
+    except Exception:
+        return None
 
 
 def _dashed(draw, a, b, colour, dash: float = 5) -> None:
@@ -301,31 +332,45 @@ def _dashed(draw, a, b, colour, dash: float = 5) -> None:
                    (x1 + (x2 - x1) * t1, y1 + (y2 - y1) * t1)], fill=colour, width=1)
 
 
-def picture_name(record: dict) -> str:
-    """The picture's file name: a hash of what it shows, so an unchanged record reuses it."""
+def picture_key(record: dict) -> str:
+    """A hash of what a record's picture shows: an unchanged record reuses its picture."""
     shown = {k: record.get(k) for k in ("input", "size", "faces")}
     shown["written"] = [{"face": w.get("face"), "crop_box": w.get("crop_box")}
                         for w in record.get("written") or []]
     key = PICTURE_VERSION + json.dumps(shown, sort_keys=True, ensure_ascii=True)
-    return hashlib.blake2b(key.encode(), digest_size=10).hexdigest() + ".jpg"
+    return hashlib.blake2b(key.encode(), digest_size=10).hexdigest()
 
 
-def _make_pictures(records: list[dict], input_dir: Path, folder: Path) -> dict[str, str | None]:
-    """{input path: picture file name, or None when the photo cannot be read now}."""
-    folder.mkdir(parents=True, exist_ok=True)
+_DRAWN = re.compile(r'<img class="photo" data-key="([0-9a-f]+)" src="(data:image/jpeg;base64,[^"]+)"')
 
-    def one(record: dict) -> str | None:
-        name = picture_name(record)
-        if (folder / name).is_file():
-            return name
-        try:
-            data = draw_picture(input_dir / record["input"], record)
-        except Exception:           # moved, changed or deleted since it was aligned
-            return None
-        tmp = folder / f".{name}.tmp"
-        tmp.write_bytes(data)
-        os.replace(tmp, folder / name)
-        return name
+
+def drawn_pictures(page: Path) -> dict[str, str]:
+    """{picture key: data URI} of the photos a report shows (none where there is no report)."""
+    try:
+        return dict(_DRAWN.findall(page.read_text("utf-8", "replace")))
+    except OSError:
+        return {}
+
+
+def _make_pictures(records: list[dict], input_dir: Path, output_dir: Path,
+                   drawn: dict[str, str]) -> dict[str, dict]:
+    """{input path: {"key": picture key, "photo": data URI or None (the photo cannot be read
+    now), "thumbs": [(written entry, data URI or None)]}} for the records shown; `drawn`:
+    pictures to reuse, by key."""
+
+    def one(record: dict) -> dict:
+        key = picture_key(record)
+        photo = drawn.get(key)
+        if photo is None:
+            try:
+                photo = data_uri(draw_picture(input_dir / record["input"], record))
+            except Exception:           # moved, changed or deleted since it was aligned
+                photo = None
+        thumbs = []
+        for w in (record.get("written") or [])[:THUMBS_PER_CARD]:
+            jpeg = thumbnail_picture(output_dir / w["output"])
+            thumbs.append((w, data_uri(jpeg) if jpeg else None))
+        return {"key": key, "photo": photo, "thumbs": thumbs}
 
     unique = list({r["input"]: r for r in records}.values())    # a photo may be in two sections
     with ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:
@@ -445,10 +490,6 @@ def _esc(text) -> str:
     return html.escape(s)
 
 
-def _url(rel: str) -> str:
-    return urllib.parse.quote(os.fsencode(rel), safe="/")
-
-
 def _versions() -> dict[str, str]:
     from importlib import metadata
     out = {"python": platform.python_version()}
@@ -491,17 +532,21 @@ def _table(rows, head=None, numeric=()) -> str:
     return "".join(out)
 
 
-def _card(record: dict, picture: str | None, output_dir: Path, note: str = "") -> str:
-    pic = (f'<img class="photo" src="{_url(PICTURES + "/" + picture)}" alt="{_esc(record["input"])}">'
-           if picture else '<div class="missing">input photo not readable now</div>')
+def _card(record: dict, pictures: dict, note: str = "") -> str:
+    pic = (f'<img class="photo" data-key="{pictures["key"]}" src="{pictures["photo"]}" '
+           f'alt="{_esc(record["input"])}">'
+           if pictures["photo"] else '<div class="missing">input photo not readable now</div>')
     thumbs = []
-    for w in record.get("written") or []:
+    for w, uri in pictures["thumbs"]:
         out = w.get("output")
-        if out and (output_dir / out).is_file():
-            thumbs.append(f'<img class="thumb" src="{_url(out)}" alt="{_esc(out)}" '
+        if uri:
+            thumbs.append(f'<img class="thumb" src="{uri}" alt="{_esc(out)}" '
                           f'title="face {w.get("face")}: {_esc(out)}">')
-        elif out:
+        else:
             thumbs.append(f'<div class="missing">{_esc(out)} missing</div>')
+    written = len(record.get("written") or [])
+    if written > len(thumbs):
+        thumbs.append(f'<p class="more">{written - len(thumbs)} more</p>')
     faces = record.get("faces") or []
     scores = ", ".join(f"{i}: {f['score']:.3f}" for i, f in enumerate(faces))
     text = f"<b>{_esc(record['input'])}</b> — {len(faces)} face{'s' if len(faces) != 1 else ''}"
@@ -521,8 +566,8 @@ def _more(shown: int, total: int, what: str) -> str:
 
 
 def write_report(output_dir, min_aligned: int = MIN_ALIGNED) -> Path:
-    """Build OUTPUT_DIR/report.html (and its pictures) from the run's records; returns its
-    path. Library warnings raised while reading photos (PIL's) are not printed."""
+    """Build OUTPUT_DIR/report.html from the run's records; returns its path. Library
+    warnings raised while reading photos (PIL's) are not printed."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return _write_report(Path(output_dir), min_aligned)
@@ -530,22 +575,19 @@ def write_report(output_dir, min_aligned: int = MIN_ALIGNED) -> Path:
 
 def _write_report(output_dir: Path, min_aligned: int) -> Path:
     t0 = time.perf_counter()
+    drawn = drawn_pictures(output_dir / REPORT)
     (output_dir / REPORT).unlink(missing_ok=True)     # no stale report, should this one fail
-    summary = json.loads((output_dir / "summary.json").read_text())
-    try:
-        options = json.loads((output_dir / STATE / "options.json").read_text())
-    except FileNotFoundError:
-        options = {}
+    summary = json.loads((output_dir / SUMMARY).read_text())
+    options = summary.get("options") or {}
     input_dir = Path(summary["input_dir"])
     multiple = bool(options.get("detect_multiple_faces"))
     tally = Tally(multiple)
-    for record in read_records(output_dir / "faces.jsonl"):
+    for record in read_records(output_dir / RECORDS):
         tally.add(record)
 
     sample, ambiguous, no_face = tally.sample.items(), tally.ambiguous.items(), tally.no_face.items()
     no_face.sort(key=lambda r: r["input"])
-    folder = output_dir / PICTURES
-    pictures = _make_pictures(sample + ambiguous + no_face, input_dir, folder)
+    pictures = _make_pictures(sample + ambiguous + no_face, input_dir, output_dir, drawn)
 
     few = sorted(((n, a, i) for i, (n, a) in tally.identities.items() if a < min_aligned),
                  key=lambda x: (x[1], -x[0], x[2]))
@@ -596,17 +638,17 @@ def _write_report(output_dir: Path, min_aligned: int) -> Path:
             f'<p>INPUT_DIR {_esc(s.get("input_dir"))} → OUTPUT_DIR {_esc(s.get("output_dir"))}</p>')),
         ("charts", "Charts", '<div class="charts">' + "".join(charts(tally)) + "</div>"),
         ("sample", f"A sample of aligned photos ({len(sample)} of {tally.statuses['aligned']})",
-         legend + '<div class="cards">' + "".join(_card(r, pictures[r["input"]], output_dir)
+         legend + '<div class="cards">' + "".join(_card(r, pictures[r["input"]])
                                                   for r in sample) + "</div>"),
         ("ambiguous", f"Ambiguous choices ({amb_total})",
-         amb_intro + ('<div class="cards">' + "".join(_card(r, pictures[r["input"]], output_dir, amb_note(r))
+         amb_intro + ('<div class="cards">' + "".join(_card(r, pictures[r["input"]], amb_note(r))
                                                       for r in ambiguous) + "</div>" if ambiguous else
                       "<p>None.</p>") + _more(len(ambiguous), amb_total, amb_what)),
         ("no-face", f"Photos without a face ({tally.no_face.offered})",
-         ('<div class="cards">' + "".join(_card(r, pictures[r["input"]], output_dir) for r in no_face)
+         ('<div class="cards">' + "".join(_card(r, pictures[r["input"]]) for r in no_face)
           + "</div>" if no_face else "<p>None.</p>") + _more(len(no_face), tally.no_face.offered, "photos without a face")),
-        ("failed", f"Unreadable, not images, errors ({tally.failed_total})",
-         ("<p>Errors (out of memory, a full disk…) are retried by the next run; the others are "
+        ("failed", f"Unreadable, too costly, not images, errors ({tally.failed_total})",
+         ("<p>Errors (out of memory, a full disk…) are retried by the next run; a photo too costly for the options says which option to change; the others are "
           "verdicts on the file.</p>" + _table(tally.failed, ("status", "input", "reason"))
           if tally.failed else "<p>None.</p>") + _more(len(tally.failed), tally.failed_total, "records")
          + (f"<p>Top-level entries of INPUT_DIR that are not identity folders (skipped): "
@@ -630,17 +672,12 @@ def _write_report(output_dir: Path, min_aligned: int) -> Path:
     ]
     for sid, title, body in sections:
         page.append(f'<section id="{sid}"><h2>{_esc(title)}</h2>{body}</section>')
-    page.append(f'<footer><p class="more">Built from faces.jsonl, summary.json and options.json in '
-                f'{built:.1f} s. Pictures: at most {SAMPLE + AMBIGUOUS + NO_FACE} JPEGs of at most '
-                f'{PICTURE_SIDE} px a side in {PICTURES}/ (under '
-                f'{(SAMPLE + AMBIGUOUS + NO_FACE) * PICTURE_BYTES / 1e6:.0f} MB); the thumbnails are '
-                f'the output files.</p></footer></main></body></html>')
+    page.append(f'<footer><p class="more">Built from faces.jsonl and summary.json in {built:.1f} s. '
+                f'Pictures: at most {SAMPLE + AMBIGUOUS + NO_FACE} photos of at most {PICTURE_SIDE} '
+                f'px a side and {THUMBS_PER_CARD} thumbnails beside each, embedded in this file '
+                f'(under {MAX_PICTURE_BYTES * 4 / 3 / 1e6:.0f} MB).</p></footer></main></body></html>')
     path = output_dir / REPORT
     write_atomic(path, "\n".join(page).encode("utf-8"))
-    keep = set(pictures.values())
-    for old in folder.iterdir():
-        if old.name not in keep:
-            old.unlink(missing_ok=True)
     return path
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import itertools
 import os
 import random
 import resource
@@ -16,11 +17,11 @@ import time
 from pathlib import Path
 
 from align.config import FORMATS, Config
-from align.dataset import cut_shards, walk
+from align.dataset import LinkIntoOutput, cut_shards, walk
 from align.durable import TEMP_PREFIX, TEMP_SUFFIX
 from align.engines import Interrupted, JobError, OptionsError, make_engine  # noqa: F401 (API)
-from align.records import RecordIndex, StateDir, write_summary
-from align.report import report_or_warn
+from align.records import BOXES, RECORDS, SUMMARY, Journal, RecordIndex, StateDir, finished_summary, write_summary
+from align.report import REPORT, report_or_warn
 from align.worker import ShardJob
 from facenet_nets.weights import verify_weights
 
@@ -78,6 +79,8 @@ def _remove_unjournaled_outputs(output_dir: Path, tasks) -> None:
         stems.setdefault(identity, set()).add(stem)
     extensions = tuple("." + f for f in FORMATS)
     for identity, names in stems.items():
+        if not (output_dir / identity).is_dir():
+            continue
         for entry in os.scandir(output_dir / identity):
             stem, ext = os.path.splitext(entry.name)
             if ext not in extensions or not entry.is_file(follow_symlinks=False):
@@ -142,49 +145,85 @@ def align_dataset(input_dir, output_dir, config: Config | None = None, *, client
     verify_weights()        # once, here: not a fetch or a traceback in every worker
     state = StateDir(output_dir)
     try:
-        found_outputs = output_dir.is_dir() and any(output_dir.iterdir()) and not state.root.exists()
+        finished = finished_summary(output_dir)
+        found_outputs = (output_dir.is_dir() and any(output_dir.iterdir()) and not state.root.exists()
+                         and finished is None)
         output_dir.mkdir(parents=True, exist_ok=True)
+        unfinished = state.root.exists()
         if not state.lock():
             raise JobError(f"another align_dataset run is writing to {output_dir}; wait for it to finish")
         try:
-            return _run(config, engine, input_dir, output_dir, output_arg, state, found_outputs, t0)
+            return _run(config, engine, input_dir, output_dir, output_arg, state, finished,
+                        found_outputs, t0)
+        except BaseException:
+            if not unfinished and not state.journal_paths():    # refused, or stopped before any work
+                state.remove()
+            raise
         finally:
             state.unlock()
     except OSError as e:        # the file system under OUTPUT_DIR: what is journaled is kept
         raise _os_error(e, output_dir) from None
 
 
-def _run(config, engine, input_dir, output_dir, output_arg, state, found_outputs, t0) -> dict:
+def _start_over(output_dir: Path, state: StateDir) -> None:
+    """--overwrite: every thumbnail the records name, then the records themselves."""
+    finished = (r for chunk in Journal(output_dir / RECORDS).chunks() for _, _, r in chunk)
+    for record in itertools.chain(finished, state.each_record()):
+        for written in record.get("written", ()):
+            (output_dir / written["output"]).unlink(missing_ok=True)
+    state.reset()
+    for name in (RECORDS, BOXES, SUMMARY, REPORT):
+        (output_dir / name).unlink(missing_ok=True)
+
+
+def _remove_empty_identities(output_dir: Path, tasks) -> None:
+    """The job's identity folders that hold nothing (no face found in any of the identity's
+    photos, say): a loader would take each for a class without samples."""
+    for identity in {t.out_base.split("/", 1)[0] for t in tasks}:
+        try:
+            os.rmdir(output_dir / identity)
+        except OSError:         # not empty, or not there
+            pass
+
+
+def _run(config, engine, input_dir, output_dir, output_arg, state, finished, found_outputs,
+         t0) -> dict:
     options = {k: getattr(config, k) for k in OUTPUT_OPTIONS}
     options["thresholds"] = list(options["thresholds"])
     previous = state.options()
+    if previous is None and finished is not None:
+        previous = finished["options"]
     if previous is not None:
         previous.setdefault("align", "box")     # a run begun before --align existed
+    legacy_outputs = state.legacy_marker.exists() or bool(finished and finished.get("legacy_outputs"))
     if config.overwrite:
-        for record in state.each_record():           # start over: what we wrote goes too
-            for written in record.get("written", ()):
-                (output_dir / written["output"]).unlink(missing_ok=True)
-        state.reset()
+        _start_over(output_dir, state)
+        legacy_outputs = False
     elif previous is not None and previous != options:
         diff = ", ".join(f"{k} {previous.get(k)} -> {v}" for k, v in options.items() if previous.get(k) != v)
         raise OptionsError(f"{output_dir} was aligned with other options ({diff}): rerun with the "
                        f"same options to resume, or add --overwrite to start over")
     state.set_options(options)
     if found_outputs and not config.overwrite:
+        legacy_outputs = True
+    if legacy_outputs:
         state.legacy_marker.touch()
-    legacy_outputs = state.legacy_marker.exists()
     _remove_stale_temporaries(output_dir)
 
-    job = walk(input_dir)
+    try:
+        job = walk(input_dir, output_dir)
+    except LinkIntoOutput as e:
+        raise OptionsError(str(e)) from None
     for identity in sorted({t.out_base.split("/")[0] for t in job.tasks}):
         folder = output_dir / identity
         if folder.exists() and not folder.is_dir():
             raise JobError(f"{folder} is a file, where identity {identity}'s thumbnails go: "
                            f"move it away, then rerun the same command")
-        folder.mkdir(exist_ok=True)
     if config.overwrite:
         _remove_unjournaled_outputs(output_dir, job.tasks)
-    index = RecordIndex(job.tasks, state, output_arg)     # where each task's record lies
+    # the last finished run's records, under the journals (none when it was facenet's folder)
+    base = output_dir / RECORDS if previous is not None and not config.overwrite else None
+    index = RecordIndex(job.tasks, state, output_arg, base)     # where each task's record lies
     index.scan()
     pending = index.pending()
     if config.random_order:
@@ -206,7 +245,8 @@ def _run(config, engine, input_dir, output_dir, output_arg, state, found_outputs
     summary = {
         "input_dir": str(input_dir), "output_dir": output_arg, "images": len(job.tasks),
         "aligned": counts["aligned"], "no_face": counts["no_face"],
-        "unreadable": counts["unreadable"], "errors": counts["error"],
+        "unreadable": counts["unreadable"], "too_costly": counts["too_costly"],
+        "errors": counts["error"],
         "skipped": counts["not_an_image"] + counts["skipped_existing"] + len(job.skipped),
         "faces_written": counts["faces_written"],
         "not_an_image": counts["not_an_image"], "skipped_existing": counts["skipped_existing"],
@@ -217,7 +257,10 @@ def _run(config, engine, input_dir, output_dir, output_arg, state, found_outputs
         "wall_s": round(t_end - t0, 3), "processing_s": round(processing_s, 3),
         "images_per_s": round(len(pending) / processing_s, 2) if processing_s > 0 else None,
         "peak_rss_mb": round(_peak_rss_mb(), 1),
+        "options": options, "legacy_outputs": legacy_outputs,
     }
     write_summary(output_dir, summary)
     report_or_warn(output_dir, config)
+    _remove_empty_identities(output_dir, job.tasks)
+    state.remove()          # the run is finished: OUTPUT_DIR is a training set as it stands
     return summary

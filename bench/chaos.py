@@ -1,5 +1,6 @@
 """Fault injection (not in CI): kill -9 the command or one of its workers at random moments,
-rerun after each kill, and compare the final tree with an uninterrupted run's, byte for byte.
+or the command while a finished run folds its state away, rerun after each kill, and compare
+the final tree with an uninterrupted run's, byte for byte.
 
     .venv/bin/python bench/chaos.py                      # 2,000 photos (lfw_gwb x 4), 50 kills
     .venv/bin/python bench/chaos.py --photos 120 --kills 5 --no-tmpfs   # a small trial
@@ -7,7 +8,8 @@ rerun after each kill, and compare the final tree with an uninterrupted run's, b
 A trial is one OUTPUT_DIR, killed and rerun until a run finishes; then its tree is compared
 with the uninterrupted run's (thumbnails, faces.jsonl, bounding_boxes.txt, summary.json less
 its timings and run counters, the journals' lines; report.html ignored) and the next kill starts
-a new trial. Counts: kills survived (in trials whose tree came out identical, with no traceback
+a new trial. A share of the kills (--fold_share) waits for the end of a run: the moment its
+records are written and its state folder is not yet removed. Counts: kills survived (in trials whose tree came out identical, with no traceback
 anywhere), trees identical (of the trials), orphans (processes of the run alive 2 s after its
 parent ended: killed, or ended by the death of a worker). As root, --tmpfs also
 runs the job on a small tmpfs that fills up, is given room, and is rerun.
@@ -55,8 +57,9 @@ def build_input(source: Path, dest: Path, copies: int, photos: int | None) -> in
 
 
 def snapshot(out: Path) -> dict:
-    """{relative path: content}: files as bytes, the journals' lines as one sorted list (how
-    a run cuts its shards names its journals), summary.json less timings and run counters."""
+    """{relative path: content}: files as bytes (a state folder left behind shows as its
+    files), the journals' lines as one sorted list (how a run cuts its shards names its
+    journals), summary.json less timings and run counters."""
     tree: dict = {"journal lines": []}
     for dirpath, _, filenames in os.walk(out):
         for name in filenames:
@@ -126,12 +129,21 @@ def run_to_end(src: Path, cwd: Path, workers: int, timeout: float) -> subprocess
                           text=True, errors="replace", timeout=timeout)
 
 
+def folding(out: Path, since_ns: int) -> bool:
+    """Whether the run started at `since_ns` (time.time_ns) has written its records and not
+    yet removed its state folder."""
+    try:
+        return (out / "summary.json").stat().st_mtime_ns >= since_ns and (out / ".align_dataset").exists()
+    except FileNotFoundError:
+        return False
+
+
 def chaos(src: Path, work: Path, kills: int, workers: int, full_s: float, rng: random.Random,
-          latest: float, reference: dict) -> dict:
+          latest: float, reference: dict, fold_share: float) -> dict:
     """`kills` kills, each followed by a rerun (the next iteration's run). A trial is one
     OUTPUT_DIR from its first run to a run that finishes; its tree is then compared with the
     reference, and the next kill starts a new trial on a fresh OUTPUT_DIR."""
-    figures = {"kills": 0, "parent_kills": 0, "worker_kills": 0, "kills_survived": 0,
+    figures = {"kills": 0, "parent_kills": 0, "worker_kills": 0, "fold_kills": 0, "kills_survived": 0,
                "orphans": 0, "tracebacks": 0, "trials": 0, "trees_identical": 0, "differing": []}
     trial, killed_in_trial = 0, 0
 
@@ -150,14 +162,19 @@ def chaos(src: Path, work: Path, kills: int, workers: int, full_s: float, rng: r
     while figures["kills"] < kills:
         cwd = work / f"trial{trial}"
         cwd.mkdir(exist_ok=True)
+        started_ns = time.time_ns() - 1_000_000_000     # file times are coarser than the clock
         proc = subprocess.Popen(command(src, "out", workers), cwd=cwd, env=env(),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 errors="replace", start_new_session=True)
-        # a random moment of the run: start-up included (the nets load in the first seconds)
-        deadline = time.monotonic() + rng.uniform(0.02, latest) * full_s
-        victim = "parent" if rng.random() < 0.5 else "worker"
-        while time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.02)
+        if rng.random() < fold_share:       # the end of the run, as it folds its state away
+            victim = "fold"
+            while not folding(cwd / "out", started_ns) and proc.poll() is None:
+                time.sleep(0.002)
+        else:                               # a random moment: start-up included (nets load first)
+            deadline = time.monotonic() + rng.uniform(0.02, latest) * full_s
+            victim = "parent" if rng.random() < 0.5 else "worker"
+            while time.monotonic() < deadline and proc.poll() is None:
+                time.sleep(0.02)
         if proc.poll() is not None:          # the trial's job is done: compare, start another
             _, err = proc.communicate()
             figures["tracebacks"] += "Traceback" in err
@@ -175,9 +192,9 @@ def chaos(src: Path, work: Path, kills: int, workers: int, full_s: float, rng: r
                 err += "\n(the run did not end within 120 s of its worker's death)"
             figures["tracebacks"] += "Traceback" in err
         else:
-            victim = "parent"
+            victim = "fold" if victim == "fold" else "parent"
             os.kill(proc.pid, signal.SIGKILL)
-            figures["parent_kills"] += 1
+            figures["fold_kills" if victim == "fold" else "parent_kills"] += 1
             proc.communicate()
         time.sleep(ORPHAN_WAIT_S)           # the parent has ended: nothing of it may be left
         figures["orphans"] += len(group_members(proc.pid))
@@ -198,16 +215,15 @@ def full_disk(src: Path, work: Path, workers: int, reference: dict, size: str) -
     subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(fs)], check=True)
     try:
         first = run_to_end(src, fs, workers, timeout=3600)
+        errors = [l for l in snapshot(fs / "out")["journal lines"] if b'"status": "error"' in l]
         subprocess.run(["mount", "-o", "remount,size=4g", str(fs)], check=True)
         second = run_to_end(src, fs, workers, timeout=3600)
         tree = snapshot(fs / "out")
-        errors = [l for l in tree.pop("journal lines") if b'"status": "error"' in l]
         ref = dict(reference)
-        ref.pop("journal lines")
         return {"first_exit": first.returncode, "first_error_line": first.stderr.strip()[-300:],
                 "error_records_first_run": len(errors),
                 "rerun_exit": second.returncode, "tracebacks": ("Traceback" in first.stderr) + ("Traceback" in second.stderr),
-                "tree_identical_but_journals": not differences(ref, tree)}
+                "tree_identical": not differences(ref, tree)}
     finally:
         subprocess.run(["umount", "-l", str(fs)], capture_output=True)
 
@@ -222,6 +238,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--latest", type=float, default=0.6,
                     help="kill at a moment up to this fraction of an uninterrupted run's time")
+    ap.add_argument("--fold_share", type=float, default=0.3,
+                    help="the share of the kills made as a finished run folds its state away")
     ap.add_argument("--tmpfs", default="3m", help="size of the tmpfs that fills up (root only)")
     ap.add_argument("--no-tmpfs", action="store_true")
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
@@ -238,7 +256,7 @@ def main() -> None:
     reference = snapshot(work / "reference" / "out")
     print(f"uninterrupted run: {full_s:.0f} s", flush=True)
     figures = chaos(src, work, args.kills, args.workers, full_s, random.Random(args.seed),
-                    args.latest, reference)
+                    args.latest, reference, args.fold_share)
     figures.update(photos=n, uninterrupted_s=round(full_s, 1))
     if not args.no_tmpfs and os.geteuid() == 0:
         figures["full_disk"] = full_disk(src, work, args.workers, reference, args.tmpfs)

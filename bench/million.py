@@ -2,20 +2,27 @@
 
     .venv/bin/python bench/million.py [--photos 1000000] [--root /tmp/align-million]
 
-Builds once (and keeps under --root) the state of a finished job of --photos inputs:
+Builds once (and keeps under --root) a job of --photos inputs whose every photo is done:
   input/    identity folders of 300 empty files each (VGGFace2 has ~360 a person): the real
             walk lists them, as it would photos;
-  output/   .align_dataset/ as real runs leave it: options.json, and one journal per shard of
-            the first run (cut_shards, 2 workers: shards of 32), with realistic records (90%
-            aligned, one face of box/score/landmarks and its written entry, some with two faces
-            found; no_face, unreadable, not_an_image), 1% of them "error"; then the journals of
-            a second run that retried those errors (its own shards) and aligned them.
-            No thumbnails: nothing reads them.
-Then, each in a fresh process, so that its peak RSS is its own:
-  parts:    walk, RecordIndex scan, merge (faces.jsonl, bounding_boxes.txt), timed apart;
-  resume:   align_dataset(input, output): the no-op resume of the finished job (nothing
-            pending: no worker starts), timed whole.
-Prints peak RSS (ru_maxrss) and the wall times, and checks that both wrote the same bytes.
+  state/    .align_dataset/ as a run leaves it before its end: options.json, and one journal
+            per shard of the first run (cut_shards, 2 workers: shards of 32), with realistic
+            records (90% aligned, one face of box/score/landmarks and its written entry, some
+            with two faces found; no_face, unreadable, not_an_image), 1% of them "error"; then
+            the journals of a second run that retried those errors (its own shards) and
+            aligned them. No thumbnails: nothing reads them.
+Then, each in a fresh process (its peak RSS its own), on output/ made anew from state/ (hard
+links) for each:
+  parts:     walk, RecordIndex scan of the journals, merge (faces.jsonl, bounding_boxes.txt),
+             timed apart;
+  journals:  align_dataset(input, output) on the journals: what every rerun of a finished job
+             did before OUTPUT_DIR became a training set (the state was kept), and what the end
+             of a run does now (it then folds the state away);
+  finished:  align_dataset again on what that left, a finished run's OUTPUT_DIR (faces.jsonl,
+             no state): the no-op resume of this release.
+  previous:  (--previous) the journals step run by the previous release's code (git archive of
+             PREVIOUS_RELEASE), for the before/after figure.
+Prints peak RSS (ru_maxrss) and the wall times, and checks that all wrote the same bytes.
 """
 from __future__ import annotations
 
@@ -25,13 +32,15 @@ import json
 import os
 import random
 import resource
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, os.environ.get("ALIGN_CODE", str(REPO)))    # the code measured
+PREVIOUS_RELEASE = "36fdfce"
 
 PER_IDENTITY = 300
 ERROR_RATE = 0.01
@@ -76,7 +85,7 @@ def build(root: Path, photos: int) -> None:
     from align.records import StateDir, dumps
     from align.runner import OUTPUT_OPTIONS
 
-    input_dir, output_dir = root / "input", root / "output"
+    input_dir, output_dir = root / "input", root / "state"
     t0 = time.perf_counter()
     if not (root / "input.complete").exists():
         for i in range(0, photos, PER_IDENTITY):
@@ -116,38 +125,50 @@ def build(root: Path, photos: int) -> None:
           f"{len(errors)} errors retried; {time.perf_counter() - t0:.1f} s", flush=True)
 
 
+def fresh_output(root: Path) -> Path:
+    """output/ anew: the built state, hard-linked (the runs read the journals, never write them)."""
+    out = root / "output"
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(root / "state", out, copy_function=os.link)
+    return out
+
+
 def parts(root: Path) -> dict:
     from align.dataset import walk
     from align.records import RecordIndex, StateDir
 
+    output = fresh_output(root)
     out = {"rss_start_mb": rss_mb()[0]}
     t0, c0 = time.perf_counter(), time.process_time()
     tasks = walk(root / "input").tasks
     out["walk_s"], out["walk_cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
     out["rss_after_walk_mb"] = rss_mb()[0]
     t0, c0 = time.perf_counter(), time.process_time()
-    index = RecordIndex(tasks, StateDir(root / "output"), str(root / "output"))
+    index = RecordIndex(tasks, StateDir(output), str(output))
     index.scan()
     pending = index.pending()
     out["scan_s"], out["scan_cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
     out["rss_after_scan_mb"] = rss_mb()[0]
     t0, c0 = time.perf_counter(), time.process_time()
-    out["counts"] = index.merge(root / "output")
+    out["counts"] = index.merge(output)
     out["merge_s"], out["merge_cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
     out["tasks"], out["pending"] = len(tasks), len(pending)
     out["rss_end_mb"], out["peak_rss_mb"] = rss_mb()
-    out["faces_sha1"] = sha1(root / "output" / "faces.jsonl")
+    out["faces_sha1"] = sha1(output / "faces.jsonl")
     return out
 
 
-def resume(root: Path) -> dict:
+def resume(root: Path, fresh: bool = True) -> dict:
+    """align_dataset on output/: made anew from the journals (fresh), or as the last step
+    left it; timed whole, report and all."""
     from align.runner import align_dataset
+    output = fresh_output(root) if fresh else root / "output"
     t0, c0 = time.perf_counter(), time.process_time()
-    summary = align_dataset(root / "input", root / "output", quiet=True, workers=2)
+    summary = align_dataset(root / "input", output, quiet=True, workers=2)
     out = {"resume_s": time.perf_counter() - t0, "resume_cpu_s": time.process_time() - c0,
-           "peak_rss_mb": rss_mb()[1],
+           "peak_rss_mb": rss_mb()[1], "state_left": (output / ".align_dataset").exists(),
            "processed_this_run": summary["processed_this_run"], "workers": summary["workers"],
-           "images": summary["images"], "faces_sha1": sha1(root / "output" / "faces.jsonl")}
+           "images": summary["images"], "faces_sha1": sha1(output / "faces.jsonl")}
     return out
 
 
@@ -158,10 +179,10 @@ def old(root: Path) -> dict:
     from align.records import StateDir, bounding_box_lines, dumps
     t0, c0 = time.perf_counter(), time.process_time()
     tasks = walk(root / "input").tasks
-    records = StateDir(root / "output").load_all()
+    records = StateDir(root / "state").load_all()
     ordered = [records[t.rel] for t in tasks]
     faces = "".join(dumps(r) + "\n" for r in ordered).encode("utf-8", "surrogateescape")
-    boxes = "".join(line for r in ordered for line in bounding_box_lines(r, str(root / "output")))
+    boxes = "".join(line for r in ordered for line in bounding_box_lines(r, str(root / "state")))
     boxes = boxes.encode("utf-8", "surrogateescape")
     return {"old_s": time.perf_counter() - t0, "old_cpu_s": time.process_time() - c0,
             "peak_rss_mb": rss_mb()[1], "faces_sha1": hashlib.sha1(faces).hexdigest()}
@@ -175,10 +196,23 @@ def sha1(path: Path) -> str:
     return h.hexdigest()
 
 
-def in_child(step: str, args) -> dict:
-    """Run one step in a fresh interpreter; its JSON result."""
+def previous_code(root: Path) -> Path:
+    """PREVIOUS_RELEASE's source, from this checkout's history (built once under root)."""
+    code = root / "previous"
+    if not (code / "align").is_dir():
+        code.mkdir(exist_ok=True)
+        archive = subprocess.run(["git", "-C", REPO, "archive", PREVIOUS_RELEASE, "align", "facenet_nets", "data"],
+                                 capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", code], input=archive, check=True)
+    return code
+
+
+def in_child(step: str, args, code: Path | None = None) -> dict:
+    """Run one step in a fresh interpreter (with the code at `code`, else this checkout's);
+    its JSON result."""
+    env = dict(os.environ, ALIGN_CODE=str(code)) if code else None
     proc = subprocess.run([sys.executable, __file__, "--step", step, "--root", str(args.root),
-                           "--photos", str(args.photos)], capture_output=True, text=True)
+                           "--photos", str(args.photos)], capture_output=True, text=True, env=env)
     if proc.returncode:
         sys.exit(f"{step} failed:\n{proc.stdout}{proc.stderr[-5000:]}")
     print(proc.stdout, end="", flush=True)
@@ -191,7 +225,9 @@ def main() -> None:
     p.add_argument("--root", type=Path, default=Path("/tmp/align-million"))
     p.add_argument("--old", action="store_true",
                    help="also run the in-memory merge of earlier releases (several GB at 1M)")
-    p.add_argument("--step", choices=["build", "parts", "resume", "old"], help=argparse.SUPPRESS)
+    p.add_argument("--previous", action="store_true",
+                   help=f"also time the no-op resume of the previous release ({PREVIOUS_RELEASE})")
+    p.add_argument("--step", choices=["build", "parts", "journals", "finished", "old"], help=argparse.SUPPRESS)
     args = p.parse_args()
     root = args.root / str(args.photos)
     if args.step:
@@ -199,13 +235,17 @@ def main() -> None:
             build(root, args.photos)
             print(json.dumps({}))
         else:
-            print(json.dumps({"parts": parts, "resume": resume, "old": old}[args.step](root)))
+            steps = {"parts": parts, "journals": resume, "finished": lambda r: resume(r, fresh=False),
+                     "old": old}
+            print(json.dumps(steps[args.step](root)))
         return
     if not (root / "state.complete").exists():
         in_child("build", args)
-    a, b = in_child("parts", args), in_child("resume", args)
-    assert a["pending"] == 0 and b["processed_this_run"] == 0 and b["workers"] == 0, (a, b)
-    assert a["faces_sha1"] == b["faces_sha1"], "the resume wrote other bytes than the merge"
+    a, b, f = in_child("parts", args), in_child("journals", args), in_child("finished", args)
+    for run in (b, f):
+        assert run["processed_this_run"] == 0 and run["workers"] == 0 and not run["state_left"], run
+    assert a["pending"] == 0, a
+    assert a["faces_sha1"] == b["faces_sha1"] == f["faces_sha1"], "the resumes wrote other bytes than the merge"
     n = a["tasks"]
     print(f"\n{n} photos, {a['counts']['faces_written']} faces written ({a['counts']})")
     print(f"walk {a['walk_s']:.1f} s, journal scan {a['scan_s']:.1f} s, merge {a['merge_s']:.1f} s; "
@@ -215,8 +255,16 @@ def main() -> None:
     print(f"RSS: start {a['rss_start_mb']:.0f} MB, after the walk {a['rss_after_walk_mb']:.0f} MB "
           f"({(a['rss_after_walk_mb'] - a['rss_start_mb']) * 2**20 / n:.0f} B/photo), after the scan "
           f"{a['rss_after_scan_mb']:.0f} MB (+{(a['rss_after_scan_mb'] - a['rss_after_walk_mb']) * 2**20 / n:.0f} B/photo)")
-    print(f"no-op resume (align_dataset, nothing pending): {b['resume_s']:.1f} s "
-          f"({b['resume_cpu_s']:.1f} s CPU), peak RSS {b['peak_rss_mb']:.0f} MB")
+    print(f"a run's end on the journals (align_dataset, nothing pending; then it folds them away): "
+          f"{b['resume_s']:.1f} s ({b['resume_cpu_s']:.1f} s CPU), peak RSS {b['peak_rss_mb']:.0f} MB")
+    print(f"no-op resume of the finished job (align_dataset on faces.jsonl, no state): "
+          f"{f['resume_s']:.1f} s ({f['resume_cpu_s']:.1f} s CPU), peak RSS {f['peak_rss_mb']:.0f} MB")
+    if args.previous:
+        c = in_child("journals", args, previous_code(args.root))
+        assert c["faces_sha1"] == a["faces_sha1"], "the previous release made other bytes"
+        print(f"no-op resume of the finished job by the previous release ({PREVIOUS_RELEASE}, from its "
+              f"journals): {c['resume_s']:.1f} s ({c['resume_cpu_s']:.1f} s CPU), peak RSS "
+              f"{c['peak_rss_mb']:.0f} MB")
     if args.old:
         c = in_child("old", args)
         assert c["faces_sha1"] == a["faces_sha1"], "the in-memory merge made other bytes"

@@ -1,24 +1,22 @@
-"""What the report adds to a run: its build time and its size on disk.
+"""What the report adds to a run: its build time and its size.
 
 Usage: python bench/report_time.py OUTPUT_DIR [--rounds 3]
 
-OUTPUT_DIR is a finished run's folder. Each round builds the report twice in this process:
-cold (its pictures deleted first, as at the end of a job's first run) and warm (pictures kept,
-as on a resumed run whose sampled records did not change). Prints the best of the rounds, the
-size of report.html and of its pictures, and the share of the run's wall time (summary.json's
-wall_s, which ends before the report starts) that the cold build adds.
+OUTPUT_DIR is a finished run's folder. Each round builds the report (its pictures drawn and
+embedded, as at the end of every run). Prints the best of the rounds, the size of report.html
+and how many pictures it embeds, and the share of the run's wall time (summary.json's wall_s,
+which ends before the report starts) that the build adds.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from align.report import PICTURES, REPORT, write_report  # noqa: E402
+from align.report import REPORT, write_report  # noqa: E402
 
 
 def main() -> None:
@@ -27,23 +25,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     out = args.output_dir
-    cold, warm = [], []
+    times = []
     for _ in range(args.rounds):
-        shutil.rmtree(out / PICTURES, ignore_errors=True)
         t = time.perf_counter()
         write_report(out)
-        cold.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        write_report(out)
-        warm.append(time.perf_counter() - t)
-    pictures = list((out / PICTURES).iterdir())
-    html = (out / REPORT).stat().st_size
-    jpegs = sum(p.stat().st_size for p in pictures)
+        times.append(time.perf_counter() - t)
+    page = (out / REPORT).read_text()
     s = json.loads((out / "summary.json").read_text())
-    print(f"{s['images']} photos; run wall {s['wall_s']:.1f} s; report cold {min(cold):.2f} s "
-          f"({100 * min(cold) / s['wall_s']:.2f}% of the run), warm {min(warm):.2f} s; "
-          f"report.html {html / 1e3:.0f} kB + {len(pictures)} pictures {jpegs / 1e3:.0f} kB "
-          f"= {(html + jpegs) / 1e6:.2f} MB")
+    pictures = page.count('src="data:image/jpeg')
+    print(f"{s['images']} photos; run wall {s['wall_s']:.1f} s; report {min(times):.2f} s "
+          f"({100 * min(times) / s['wall_s']:.2f}% of the run); report.html {len(page) / 1e6:.2f} MB "
+          f"embedding {pictures} pictures")
 
 
 if __name__ == "__main__":

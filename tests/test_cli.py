@@ -191,7 +191,38 @@ def snapshot(out: Path, ignore_summary_keys=()) -> dict:
     return tree
 
 
+TOP_FILES = {"faces.jsonl", "bounding_boxes.txt", "summary.json", "report.html"}
+
+
+def assert_training_set(out: Path) -> None:
+    """What a finished run leaves: at the top, the records as plain files and folders that
+    each hold files only (the identities with at least one thumbnail), nothing hidden."""
+    top = {p.name: p for p in out.iterdir()}
+    assert {n for n, p in top.items() if not p.is_dir()} <= TOP_FILES, sorted(top)
+    assert not [n for n in top if n.startswith(".")], f"hidden entries in {out}: {sorted(top)}"
+    for name, path in top.items():
+        if path.is_dir():
+            inside = list(path.iterdir())
+            assert inside, f"{path} is an empty identity folder"
+            assert all(p.is_file() and not p.name.startswith(".") for p in inside), inside
+
+
+def as_killed_before_any_record(out: Path) -> None:
+    """Turn a finished OUTPUT_DIR into what a run killed before its first journal line leaves
+    (its state folder, options and all, and no records), the thumbnails kept."""
+    s = summary(out)
+    state = out / ".align_dataset"
+    (state / "journal").mkdir(parents=True)
+    (state / "options.json").write_text(json.dumps(s["options"]))
+    if s["legacy_outputs"]:
+        (state / "legacy_outputs").touch()
+    for name in TOP_FILES:
+        (out / name).unlink(missing_ok=True)
+
+
 def assert_same_tree(a: Path, b: Path, ignore_summary_keys=()) -> None:
+    for finished in (a, b):
+        assert_training_set(finished)
     ta, tb = snapshot(a, ignore_summary_keys), snapshot(b, ignore_summary_keys)
     assert sorted(ta) == sorted(tb), (f"only in {a}: {sorted(set(ta) - set(tb))}; "
                                       f"only in {b}: {sorted(set(tb) - set(ta))}")
@@ -385,14 +416,12 @@ def test_default_run_summary_and_state(default_run, sample_dir):
     for key in TIMING_KEYS:
         assert key in s
     assert s["wall_s"] >= s["processing_s"] > 0
-    state = out / ".align_dataset"
-    assert (state / "lock").is_file()
-    options = json.loads((state / "options.json").read_text())
+    options = s["options"]
     assert options["image_size"] == 160 and options["margin"] == 44
     assert options["detect_multiple_faces"] is False and options["format"] == "png"
-    journal = [r for p in sorted((state / "journal").glob("*.jsonl")) for r in read_jsonl(p)]
-    assert sorted(r["input"] for r in journal) == SAMPLE_FILES
-    assert len(list((state / "journal").glob("*.jsonl"))) == 1    # one shard for three identities
+    assert s["legacy_outputs"] is False
+    assert not (out / ".align_dataset").exists(), "the finished run left its state folder"
+    assert_training_set(out)
 
 
 def test_rerun_of_a_finished_job_changes_nothing(default_run, sample_dir, tmp_path):
@@ -413,7 +442,6 @@ def test_workers_and_random_order_give_the_same_bytes(big_dir, reference_run, tm
     out = tmp_path / "b" / "out"
     assert summary(out)["workers"] == 3 and summary(reference_run)["workers"] == 1
     assert summary(out)["images"] == n_inputs(big_dir)
-    assert len(list((out / ".align_dataset" / "journal").glob("*.jsonl"))) >= 6
     assert_same_tree(reference_run, out)
 
 
@@ -748,7 +776,7 @@ def test_other_options_on_an_existing_output(default_run, sample_dir, tmp_path):
     assert snapshot(out) == before, "a refused run changed the output"
 
     ok(run_align(sample_dir, out, "--workers", 1, "--image_size", 182, "--overwrite", "--quiet"))
-    assert json.loads((out / ".align_dataset" / "options.json").read_text())["image_size"] == 182
+    assert summary(out)["options"]["image_size"] == 182
     for r in records(out):
         (w,) = r["written"]
         bb, expected = facenet_crop(sample_dir / r["input"], r["faces"][w["face"]]["box"], 44, 182)
@@ -865,10 +893,7 @@ def test_folder_aligned_by_facenet_stays_skipped_after_a_kill(sample_dir, tmp_pa
     (out / "p" / "a.png").write_bytes(b"facenet's thumbnail")
     ok(run_align(tmp_path / "in", out, "--workers", 1, "--quiet"))
     assert records(out)[0]["status"] == "skipped_existing"
-    # what a kill leaves: the state folder, but no journal line yet
-    for journal in (out / ".align_dataset" / "journal").glob("*.jsonl"):
-        journal.unlink()
-    (out / "faces.jsonl").unlink()
+    as_killed_before_any_record(out)
     ok(run_align(tmp_path / "in", out, "--workers", 1, "--quiet"))
     assert records(out)[0]["status"] == "skipped_existing"
     assert (out / "p" / "a.png").read_bytes() == b"facenet's thumbnail"
@@ -1020,10 +1045,7 @@ def test_overwrite_after_a_killed_run_leaves_no_unjournaled_thumbnail(sample_dir
                  "--quiet", cwd=tmp_path))
     out = tmp_path / "out"
     assert len(list((out / "Group").glob("t1_*.png"))) == 6
-    for journal in (out / ".align_dataset" / "journal").glob("*.jsonl"):   # what the kill left
-        journal.unlink()
-    for name in ("faces.jsonl", "bounding_boxes.txt", "summary.json"):
-        (out / name).unlink()
+    as_killed_before_any_record(out)
     ok(run_align(sample_dir, "out", "--overwrite", "--workers", 1, "--image_size", 160, cwd=tmp_path))
     assert_same_tree(default_run[1], out)
 
@@ -1067,7 +1089,7 @@ def test_arcface_thumbnails_are_insightfaces_norm_crop(arcface_run, sample_dir):
                 assert left <= x < right and top <= y < bottom
     assert bbox_lines(arcface_run) == [f"out/{w['output']} {' '.join(map(str, w['crop_box']))}"
                                        for r in recs for w in r["written"]]
-    options = json.loads((arcface_run / ".align_dataset" / "options.json").read_text())
+    options = summary(arcface_run)["options"]
     assert (options["align"], options["image_size"], options["margin"]) == ("arcface", 112, None)
 
 

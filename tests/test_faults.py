@@ -78,7 +78,7 @@ def test_a_photo_too_costly_for_the_options_is_one_permanent_record(detector, sa
     minutes. Each is refused before that work, as a record no rerun retries."""
     big_photo(sample_paths, tmp_path)
     (record,) = run(detector, tmp_path, shard_of("big.jpg"), **options)
-    assert record["status"] == "unreadable", record
+    assert record["status"] == "too_costly", record
     assert record["reason"].startswith("too costly for the options") and says in record["reason"]
     assert not needs_work(record)
     assert record["written"] == []

@@ -102,7 +102,7 @@ def test_merge_writes_the_records_in_input_order_whatever_journal_holds_them(sta
     faces, boxes, counts = merged(state, TASKS)
     assert [json.loads(line)["input"] for line in faces.splitlines()] == [t.rel for t in TASKS]
     assert (faces, boxes, counts) == reference_merge(state, TASKS)
-    assert counts == {"aligned": 4, "no_face": 1, "unreadable": 1, "not_an_image": 1,
+    assert counts == {"aligned": 4, "no_face": 1, "unreadable": 1, "too_costly": 0, "not_an_image": 1,
                       "skipped_existing": 0, "error": 0, "faces_written": 5}
     assert boxes.decode("utf-8", "surrogateescape").splitlines() == [
         "~/out dir/é/a/2.png 0 1 150 170", "~/out dir/é/a/10.png",

@@ -6,8 +6,11 @@ The browser tests skip, saying why, where no Chromium starts (`.ci/run` installs
 """
 from __future__ import annotations
 
+import base64
+import io
 import json
 import random
+import re
 import shutil
 import struct
 import xml.etree.ElementTree as ET
@@ -133,7 +136,7 @@ def test_report_memory_stays_bounded_on_a_large_job(tmp_path):
     assert size > 7e6 and peak < size, (size, peak)
     html = path.read_text()
     assert "15000 photos" in html and "input photo not readable now" in html
-    assert not any((tmp_path / report.PICTURES).iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["faces.jsonl", "report.html", "summary.json"]
 
 
 def test_version_is_the_installed_packages():
@@ -221,7 +224,8 @@ def rendered(chromium, out: Path) -> tuple[browser.Page, dict]:
             bars: s.querySelectorAll('rect.bar').length,
             height: s.getBoundingClientRect().height})),
         images: [...document.images].map(i => ({src: i.getAttribute('src'), ok: i.complete &&
-            i.naturalWidth > 0, w: i.naturalWidth, section: i.closest('section').id})),
+            i.naturalWidth > 0, w: i.naturalWidth, section: i.closest('section').id,
+            kind: i.className, alt: i.getAttribute('alt')})),
         text: Object.fromEntries([...document.querySelectorAll('section')].map(
             s => [s.id, s.innerText])),
     }))()""")
@@ -229,29 +233,39 @@ def rendered(chromium, out: Path) -> tuple[browser.Page, dict]:
 
 
 def assert_renders(page: browser.Page, facts: dict) -> None:
-    """Every section, four charts with bars, every picture decoded; nothing failed to load,
-    nothing came from outside the file system, nothing logged an error."""
+    """Every section, four charts with bars, every picture decoded from the page itself;
+    nothing failed to load, nothing came from outside the file system, nothing logged an
+    error."""
     assert facts["sections"] == SECTIONS
     assert [c["title"] for c in facts["charts"]] == ["Detected face size", "Detection score",
                                                     "Faces per photo", "Photos per identity"]
     assert all(c["bars"] > 0 and c["height"] > 100 for c in facts["charts"]), facts["charts"]
     assert facts["images"], "no pictures"
     assert all(i["ok"] for i in facts["images"]), [i for i in facts["images"] if not i["ok"]]
+    assert all(i["src"].startswith("data:image/jpeg;base64,") for i in facts["images"])
     assert not page.failed, page.failed
     assert not page.errors, page.errors
-    assert all(u.startswith("file://") for u in page.requests), page.requests
+    fetched = [u for u in page.requests if not u.startswith("data:")]    # the page alone
+    assert len(fetched) == 1 and fetched[0].startswith("file://") and fetched[0].endswith("/report.html"), fetched
 
 
 def test_default_run_report_renders(default_run, photos, chromium, tmp_path):
     p, out = default_run
     assert "Report: out/report.html" in p.stdout
-    page, facts = rendered(chromium, out)
+    alone = tmp_path / "mailed"             # the file alone, as an attachment: it shows the same
+    alone.mkdir()
+    shutil.copyfile(out / "report.html", alone / "report.html")
+    page, facts = rendered(chromium, alone)
     assert_renders(page, facts)
     sample = [i for i in facts["images"] if i["section"] == "sample"]
-    photos_shown = [i for i in sample if i["src"].startswith(".align_dataset/report/")]
-    thumbs = [i for i in sample if not i["src"].startswith(".align_dataset/")]
+    photos_shown = [i for i in sample if i["kind"] == "photo"]
+    thumbs = [i for i in sample if i["kind"] == "thumb"]
     assert len(photos_shown) == 5 and len(thumbs) == 5      # every aligned photo of this small job
     assert all(i["w"] <= report.PICTURE_SIDE for i in photos_shown)
+    assert all(i["w"] <= report.THUMB_SIDE for i in thumbs)
+    assert sorted(i["alt"] for i in thumbs) == sorted(w["output"] for r in read_jsonl(out / "faces.jsonl")
+                                                      for w in r["written"])
+    assert not (out / ".align_dataset").exists()
     text = facts["text"]
     assert "Group/t1.jpg" in text["ambiguous"] and "Extra/palette.png" not in text["ambiguous"]
     assert "Extra/no_face.png" in text["no-face"]
@@ -284,8 +298,9 @@ def test_multiple_faces_run_report_renders(photos, chromium, tmp_path):
     assert_renders(page, facts)
     assert "--detect_multiple_faces" in facts["text"]["ambiguous"]
     assert "Group/t1.jpg" in facts["text"]["ambiguous"] and "6 faces, 6 written" in facts["text"]["ambiguous"]
-    t1_thumbs = [i for i in facts["images"] if i["section"] == "sample" and i["src"].startswith("Group/t1_")]
-    assert len(t1_thumbs) == 6
+    t1_thumbs = [i for i in facts["images"] if i["section"] == "sample" and i["alt"].startswith("Group/t1_")]
+    assert len(t1_thumbs) == report.THUMBS_PER_CARD == 4         # and "2 more" beside them
+    assert "2 more" in facts["text"]["sample"]
 
 
 def test_rerun_rebuilds_the_report_and_no_report_skips_it(default_run, photos, tmp_path):
@@ -293,16 +308,14 @@ def test_rerun_rebuilds_the_report_and_no_report_skips_it(default_run, photos, t
     copy = tmp_path / "out"
     shutil.copytree(out, copy)
     (copy / "report.html").unlink()
-    shutil.rmtree(copy / ".align_dataset" / "report")
     p = ok(run_align(photos, copy, "--workers", 1, "--no-report"))
     assert not (copy / "report.html").exists() and "Report:" not in p.stdout
-    assert not (copy / ".align_dataset" / "report").exists()
     ok(run_align(photos, copy, "--workers", 1))
     assert summary(copy)["processed_this_run"] == 0
     html = (copy / "report.html").read_text()
     assert "8 photos, 5 aligned" in html        # the whole job, not this run's nothing
-    assert sorted(p.name for p in (out / ".align_dataset" / "report").iterdir()) == \
-        sorted(p.name for p in (copy / ".align_dataset" / "report").iterdir())
+    pictures = lambda page: sorted(re.findall(r'src="(data:[^"]+)"', page))
+    assert pictures(html) == pictures((out / "report.html").read_text())     # the same pictures
 
 
 def test_a_failing_report_is_one_warning_and_loses_nothing(default_run, photos, tmp_path):
@@ -341,17 +354,23 @@ def test_dev_set_report_renders_and_lists_the_ambiguous_photos(dev_run, chromium
 
 
 def test_a_photo_in_two_sections_gets_one_picture(sample_paths, tmp_path):
-    """The sample and the ambiguous list may show the same photo: its picture is drawn once
-    (two threads writing one picture raced on its temporary name)."""
+    """The sample and the ambiguous list may show the same photo: it is drawn once, and its
+    picture and thumbnail are embedded JPEGs."""
     path = sample_paths["t1.jpg"]
     (tmp_path / "in" / "Group").mkdir(parents=True)
     shutil.copyfile(path, tmp_path / "in" / "Group" / "t1.jpg")
-    record = {"input": "Group/t1.jpg", "status": "aligned", "size": [1, 1],
+    (tmp_path / "out" / "Group").mkdir(parents=True)
+    Image.new("RGB", (182, 182), (90, 60, 30)).save(tmp_path / "out" / "Group" / "t1.png")
+    with Image.open(path) as im:
+        size = list(im.size)
+    record = {"input": "Group/t1.jpg", "status": "aligned", "size": size,
               "faces": [{"box": [10.0, 10.0, 50.0, 60.0], "score": 0.99,
                          "landmarks": [[20.0, 30.0]] * 5}],
               "written": [{"face": 0, "crop_box": [0, 0, 60, 70], "output": "Group/t1.png"}]}
-    for attempt in range(10):
-        folder = tmp_path / f"pictures{attempt}"
-        names = report._make_pictures([record] * 8, tmp_path / "in", folder)
-        assert names == {"Group/t1.jpg": report.picture_name(record)}
-        assert [p.name for p in folder.iterdir()] == [names["Group/t1.jpg"]]
+    pictures = report._make_pictures([record] * 8, tmp_path / "in", tmp_path / "out", {})
+    assert list(pictures) == ["Group/t1.jpg"]
+    (w, thumb), = pictures["Group/t1.jpg"]["thumbs"]
+    for uri, side in ((pictures["Group/t1.jpg"]["photo"], report.PICTURE_SIDE), (thumb, report.THUMB_SIDE)):
+        assert uri.startswith("data:image/jpeg;base64,")
+        with Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))) as im:
+            assert im.format == "JPEG" and max(im.size) == side
