@@ -1,60 +1,80 @@
 """What the trainers' own loaders see in an OUTPUT_DIR: the test oracle of the output layout.
 
-Usage: python tests/loaders.py KIND PATH [--image-size N]     (prints one JSON object)
+Usage: python tests/loaders.py KIND PATH... [--image-size N]   (a JSON object per PATH, a line each)
+From Python: run(KIND, PATH) -> result; run_paths(KIND, [PATH, ...]) -> [result, ...] (one
+process, one import of the library for all); run_all(PATH) -> {KIND: result} for the four
+folder loaders; by_key(result) -> {key: (label, h, w, sha256)}; file_pixels(FILE) -> (h, w,
+sha256) as PIL decodes it; pixel_sha256(array); mxnet_python() -> MXNet's venv's python.
 
-Each loader is the real one, run as its users run it, never re-implemented here:
+Each loader is the real one, called as its users call it; none is re-implemented here:
 
-  facenet        facenet 1.0.5's `get_dataset(PATH)` and `get_image_paths_and_labels`, the calls
-                 of its train_softmax.py / train_tripletloss.py. Its facenet.py imports TF1-era
-                 modules at the top, so those definitions (and its `import os`) are taken from
-                 the installed wheel's source with `ast` and run; each path is decoded with PIL
-                 as its trainer's `misc.imread` did.
-  imagefolder    torchvision 0.28.0's `datasets.ImageFolder(PATH)` with its defaults (its
-                 default_loader), on CPU torch 2.13.0. PyPI's torchvision carries a CUDA-built
-                 extension that CPU torch cannot load, so `datasets/folder.py`, `datasets/vision.py`
-                 and `utils.py` are taken from the wheel (sha256-checked, cached in the user cache
-                 as tests/insightface_reference.py does) and imported under a `torchvision`
-                 package that holds only `get_image_backend` from the wheel's own __init__.py.
-  keras          `tf.keras.utils.image_dataset_from_directory(PATH, shuffle=False,
-                 batch_size=None, image_size=S)`. It resizes every image to S: S is
-                 `--image-size`, or by default the size of the first file it lists, so that on
-                 thumbnails of one size the pixels are the decoded file's.
+  facenet        facenet 1.0.5's `get_dataset(PATH)` and `get_image_paths_and_labels`, what its
+                 train_softmax.py / train_tripletloss.py call. Its facenet.py imports TF1-era
+                 modules at the top, so only those definitions (and its `import os`) are taken
+                 from the installed wheel's source with `ast` and run (`exec_definitions`). Each
+                 path is decoded with PIL, as its trainer's `misc.imread` did.
+  imagefolder    torchvision 0.28.0's `datasets.ImageFolder(PATH)` with its defaults (its own
+                 default_loader), on CPU torch 2.13.0, every sample read through `ds[i]`. PyPI's
+                 torchvision carries a CUDA-built extension that CPU torch cannot load, so its
+                 `datasets/folder.py`, `datasets/vision.py` and `utils.py` are taken from the
+                 wheel (sha256-checked, cached in the user cache as tests/insightface_reference.py
+                 does) and imported under a `torchvision` package holding only the wheel's own
+                 `get_image_backend` (from its __init__.py).
+  keras          `tf.keras.utils.image_dataset_from_directory(PATH, labels="inferred",
+                 shuffle=False, batch_size=None, image_size=S)`, iterated to the end. Keras
+                 resizes every image to S: S is `--image-size`, or by default the size of the
+                 first file it lists. On thumbnails of that one size the resize is the identity,
+                 so its pixels are the decoded file's: the sha256 proves each file was decoded
+                 (and the count of images yielded is checked against its file list). A file it
+                 cannot decode stops its iteration: that is the result's `error`.
   hf_imagefolder Hugging Face `datasets.load_dataset("imagefolder", data_files={"train":
-                 "PATH/**"})` (with `data_dir` it takes folder names such as `x_test` for
-                 splits); classes are its `label` feature's names.
+                 "PATH/**"})`, every row decoded; classes are its `label` feature's names. (With
+                 `data_dir`, it takes folder names such as `x_test` for splits.) It skips hidden
+                 and empty folders.
   mxnet_rec      MXNet 1.9.1's `mx.recordio.MXIndexedRecordIO(idx, rec, "r")`, `unpack` and
-                 `mx.image.imdecode`, as arcface_torch's MXFaceDataset uses them (record 0's
-                 header: flag > 0 gives the keys range(1, label[0]), else all keys). PATH is the
-                 folder of train.rec + train.idx, or a .rec file. Runs in a venv of its own
-                 (mxnet needs numpy < 1.24), built once in the user cache: `mxnet_python()`.
-  webdataset     `wds.WebDataset(urls, shardshuffle=False).decode("rgb")`; PATH is a folder (its
-                 *.tar, sorted), a shard, or a brace pattern.
-  hf_webdataset  `datasets.load_dataset("webdataset", data_files={"train": shards})`.
-  tar_members    Python's `tarfile`: each member's metadata, in archive order (PATH: one tar).
+                 `mx.image.imdecode`, as arcface_torch's MXFaceDataset uses them: record 0's
+                 header with flag > 0 gives the keys range(1, label[0]), else all keys; a label
+                 that is a list counts by its first element. PATH is the folder of train.rec and
+                 train.idx, or a .rec file. It runs in a venv of its own (MXNet needs
+                 numpy < 1.24), built once in the user cache by `mxnet_python()` on first use
+                 (so by the first test that reads a rec, in CI too); the wheel links the
+                 system's libgomp.so.1 and libquadmath.so.0 (Debian: libgomp1, libquadmath0,
+                 which come with gcc).
+  webdataset     `wds.WebDataset(shards, shardshuffle=False).decode("rgb")` (float RGB: x255 and
+                 rounded back to uint8, exactly). PATH is a folder (its *.tar, sorted), a
+                 shard, or a brace pattern.
+  hf_webdataset  `datasets.load_dataset("webdataset", data_files={"train": shards})`. It takes
+                 its columns from the first shard: it refuses a shard whose samples mix image
+                 extensions, and a later sample with another extension comes without image
+                 (a decode error here).
+  tar_members    Python's `tarfile` listing of one uncompressed tar: each member's metadata,
+                 in archive order, with the format of its header block (typeflag and magic).
 
-Every loader runs in a process of its own (`run`): TensorFlow, torch and MXNet do not share one
-well, and facenet's code is TF1-era. The result of a loader is a dict:
+Every loader runs in a process of its own: TensorFlow, torch and MXNet do not share one well,
+and facenet's code is TF1-era. A loader's result is a dict:
 
   {"loader": KIND,
-   "error": None | {"type": "FileNotFoundError", "message": "..."},   # the loader refused PATH
+   "error": None | {"type": "FileNotFoundError", "message": "..."},   # it refused PATH
    "classes": [names, in label order] | None,       # None: the format carries no names
-   "samples": [[key, label, h, w, sha256], ...],    # in the loader's order, every one decoded
-   "decode_errors": [{"key", "label", "type", "message"}, ...],   # samples it could not decode
+   "samples": [[key, label, h, w, sha256], ...],    # in the loader's order, each one decoded
+   "decode_errors": [{"key", "label", "type", "message"}, ...],   # samples it failed to decode
    "meta": [dict per sample] | None}                # packed formats: what else a sample carries
 
-key is the path relative to PATH for folder loaders, the record index for mxnet_rec, the
-`__key__` for the WebDataset readers. label is a class NAME where the loader has a class list
-(its integer label mapped through it), the integer label where the format has none (rec, .cls).
-sha256 is that of the decoded pixels, RGB uint8, C order (`pixel_sha256`). tar_members gives
-{"loader", "error", "members": [{"name", "size", "mode", "uid", "gid", "mtime", "uname",
-"gname", "type", "format", "pax_headers", "sha256"}], "pax_headers"} instead.
+key is the path relative to PATH for the folder loaders, the record index for mxnet_rec (whose
+result also has "header0": [label[0], label[1]] | None), the `__key__` for the WebDataset
+readers. label is a class NAME where the loader has a class list (its integer label mapped
+through it), the integer label where the format has none (rec header, .cls). sha256 is that of
+the decoded RGB uint8 pixels in C order (`pixel_sha256`). tar_members gives {"loader", "error",
+"members": [{"name", "size", "mode", "uid", "gid", "mtime", "uname", "gname", "type", "format",
+"pax_headers", "sha256" (of the content)}], "pax_headers" (the archive's global ones)}.
+A failure outside the loader (an import, the set-up, no JSON) raises LoaderCrash.
 """
 from __future__ import annotations
 
 import argparse
 import ast
-import contextlib
 import fcntl
+import functools
 import glob
 import hashlib
 import importlib
@@ -94,21 +114,32 @@ class LoaderCrash(RuntimeError):
 def run(kind: str, path: str | os.PathLike, image_size: int | None = None,
         timeout: float = 600) -> dict:
     """The result (see the module docstring) of loader `kind` on `path`, run in a subprocess."""
+    return run_paths(kind, [path], image_size=image_size, timeout=timeout)[0]
+
+
+def run_paths(kind: str, paths: list[str | os.PathLike], image_size: int | None = None,
+              timeout: float = 600) -> list[dict]:
+    """The results of loader `kind` on each of `paths`, in one subprocess (one import of its
+    library for all: TensorFlow's alone takes seconds)."""
     if kind not in KINDS:
         raise ValueError(f"unknown loader {kind!r}; one of {', '.join(KINDS)}")
     python = str(mxnet_python()) if kind == "mxnet_rec" else sys.executable
-    cmd = [python, str(Path(__file__).resolve()), kind, str(path)]
+    cmd = [python, str(Path(__file__).resolve()), kind, *map(str, paths)]
     if image_size is not None:
         cmd += ["--image-size", str(image_size)]
-    env = dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="2",
+    pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, PYTHONPATH=pythonpath, TF_CPP_MIN_LOG_LEVEL="2",
                HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     if proc.returncode != 0:
-        raise LoaderCrash(f"{kind} on {path} exited {proc.returncode}:\n{proc.stderr[-4000:]}")
+        raise LoaderCrash(f"{kind} on {paths} exited {proc.returncode}:\n{proc.stderr[-4000:]}")
     try:
-        return json.loads(proc.stdout)
+        results = [json.loads(line) for line in proc.stdout.splitlines()]
     except json.JSONDecodeError as e:
         raise LoaderCrash(f"{kind} printed no JSON ({e}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    if len(results) != len(paths):
+        raise LoaderCrash(f"{kind} printed {len(results)} results for {len(paths)} paths")
+    return results
 
 
 def run_all(path: str | os.PathLike, kinds: tuple[str, ...] = FOLDER_LOADERS,
@@ -139,11 +170,8 @@ def pixel_sha256(pixels) -> str:
 
 def file_pixels(path: str | os.PathLike) -> tuple[int, int, str]:
     """(h, w, sha256 of the RGB pixels) of an image file as PIL decodes it."""
-    import numpy as np
-    from PIL import Image
-    with Image.open(path) as im:
-        a = np.asarray(im.convert("RGB"))
-    return a.shape[0], a.shape[1], pixel_sha256(a)
+    pixels = _pil_rgb(path)
+    return pixels.shape[0], pixels.shape[1], pixel_sha256(pixels)
 
 
 # --------------------------------------------------------------------------- result helpers
@@ -173,6 +201,11 @@ def _decode_each(kind: str, classes, items, decode: Callable[[Any], Any], meta_o
         if meta_of:
             meta.append(meta_of(handle))
     return _result(kind, classes, samples, errors, meta)
+
+
+def _import_repo() -> None:
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
 
 
 def _relative(path: str, root: str) -> str:
@@ -205,7 +238,7 @@ def exec_definitions(source_path: str | os.PathLike, names: set[str],
 
 # --------------------------------------------------------------------------- folder loaders
 
-def _pil_rgb(path: str):
+def _pil_rgb(path: str | os.PathLike):
     import numpy as np
     from PIL import Image
     with Image.open(path) as im:
@@ -230,10 +263,11 @@ def load_facenet(path: str) -> dict:
     return _decode_each("facenet", classes, items, _pil_rgb)
 
 
+@functools.cache
 def torchvision_folder() -> types.ModuleType:
     """torchvision.datasets.folder from the torchvision wheel (cached, sha256-checked), imported
     without the wheel's compiled extension."""
-    sys.path.insert(0, str(REPO))
+    _import_repo()
     from facenet_nets.wheelfile import fetch_members, sha256_of, user_cache_dir
     root = user_cache_dir("reference") / TORCHVISION_WHEEL.replace("==", "-")
     wanted = {m: (sha, root / m) for m, sha in TORCHVISION_MEMBERS.items()}
@@ -293,12 +327,6 @@ def load_keras(path: str, image_size: int | None = None) -> dict:
     return _decode_each("keras", classes, items, lambda img: np.round(img).astype(np.uint8))
 
 
-@contextlib.contextmanager
-def _hf_cache():
-    with tempfile.TemporaryDirectory(prefix="hf-cache-") as cache:
-        yield cache
-
-
 def _hf_rgb(image):
     import numpy as np
     return np.asarray(image.convert("RGB"))
@@ -307,7 +335,7 @@ def _hf_rgb(image):
 def load_hf_imagefolder(path: str) -> dict:
     """datasets.load_dataset("imagefolder", data_files={"train": path/**}), every row decoded."""
     import datasets
-    with _hf_cache() as cache:
+    with tempfile.TemporaryDirectory(prefix="hf-cache-") as cache:
         try:
             ds = datasets.load_dataset("imagefolder", data_files={"train": os.path.join(path, "**")},
                                        split="train", cache_dir=cache)
@@ -407,7 +435,7 @@ def load_webdataset(path: str) -> dict:
 def load_hf_webdataset(path: str) -> dict:
     """datasets.load_dataset("webdataset", data_files={"train": shards}), every row decoded."""
     import datasets
-    with _hf_cache() as cache:
+    with tempfile.TemporaryDirectory(prefix="hf-cache-") as cache:
         try:
             ds = datasets.load_dataset("webdataset", data_files={"train": _shards(path)},
                                        split="train", cache_dir=cache)
@@ -490,8 +518,9 @@ LOADERS: dict[str, Callable[..., dict]] = {
 # --------------------------------------------------------------------------- MXNet's venv
 
 def mxnet_python() -> Path:
-    """The python of a venv holding MXNet 1.9.1 (numpy 1.23), built once in the user cache."""
-    sys.path.insert(0, str(REPO))
+    """The python of a venv holding MXNet 1.9.1 (numpy 1.23), built once in the user cache
+    (about 300 MB; its first build downloads the 49 MB mxnet wheel)."""
+    _import_repo()
     from facenet_nets.wheelfile import user_cache_dir
     venv = user_cache_dir("mxnet-1.9.1-venv")
     python, stamp = venv / "bin" / "python", venv / ".complete"
@@ -523,7 +552,7 @@ def _build_mxnet_venv(venv: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Print what a real loader sees in PATH, as JSON.")
     parser.add_argument("kind", choices=KINDS)
-    parser.add_argument("path")
+    parser.add_argument("paths", metavar="PATH", nargs="+")
     parser.add_argument("--image-size", type=int, default=None, help="keras: the size it resizes to")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -532,10 +561,10 @@ def main(argv: list[str] | None = None) -> None:
     os.dup2(2, 1)       # what loaders print ("Found 3 files...") must not mix with the JSON
     sys.stdout = io.TextIOWrapper(os.fdopen(1, "wb", closefd=False), write_through=True)
     kwargs = {"image_size": args.image_size} if args.kind == "keras" else {}
-    result = LOADERS[args.kind](args.path, **kwargs)
-    json.dump(result, out)
-    out.write("\n")
-    out.flush()
+    for path in args.paths:
+        json.dump(LOADERS[args.kind](path, **kwargs), out)
+        out.write("\n")
+        out.flush()
 
 
 if __name__ == "__main__":

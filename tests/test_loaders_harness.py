@@ -63,10 +63,11 @@ def folders(photos, tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def seen(folders) -> dict[tuple[str, str], dict]:
     """{(folder, loader): result} for every loader on clean and messy, ImageFolder on hidden."""
-    jobs = [(f, k) for f in ("clean", "messy") for k in loaders.FOLDER_LOADERS] + [("hidden", "imagefolder")]
+    jobs = {kind: ["clean", "messy"] for kind in loaders.FOLDER_LOADERS}
+    jobs["imagefolder"].append("hidden")
     with ThreadPoolExecutor(2) as pool:
-        results = pool.map(lambda job: loaders.run(job[1], folders[job[0]]), jobs)
-        return dict(zip(jobs, results))
+        results = dict(zip(jobs, pool.map(lambda k: loaders.run_paths(k, [folders[f] for f in jobs[k]]), jobs)))
+    return {(f, kind): result for kind in jobs for f, result in zip(jobs[kind], results[kind])}
 
 
 def expected_pixels(folder: Path, rels) -> dict[str, tuple[int, int, str]]:
@@ -150,11 +151,13 @@ def test_a_loader_that_refuses_the_path_is_an_error_not_a_crash(tmp_path):
         loaders.run("caffe", tmp_path)
 
 
-def test_the_command_line_prints_only_the_json(folders):
-    proc = subprocess.run([sys.executable, loaders.__file__, "facenet", str(folders["clean"])],
-                          capture_output=True, text=True, timeout=120)
+def test_the_command_line_prints_a_json_line_per_path_and_nothing_else(folders):
+    proc = subprocess.run([sys.executable, loaders.__file__, "facenet", str(folders["clean"]),
+                           str(folders["hidden"])], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout)["classes"] == ["alice", "bob", "carol"]
+    clean, hidden = map(json.loads, proc.stdout.splitlines())
+    assert clean["classes"] == ["alice", "bob", "carol"]
+    assert hidden["classes"] == [".state", "alice", "bob", "carol"]
 
 
 # ------------------------------------------------------------------------ packed formats
