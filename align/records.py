@@ -276,7 +276,7 @@ def finished_summary(output_dir: Path) -> dict | None:
     this layout's (it holds the options); else None."""
     try:
         summary = json.loads((output_dir / SUMMARY).read_text())
-    except (FileNotFoundError, NotADirectoryError, ValueError):
+    except (OSError, ValueError):        # none, or not ours (a folder, unreadable, not JSON)
         return None
     return summary if isinstance(summary, dict) and isinstance(summary.get("options"), dict) else None
 
