@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from align.aligner import Aligner
-from align.config import MAX_IMAGE_SIZE, WORKER_MEMORY_BYTES, Config, DetectParams, available_memory, bounded_workers
+from align.config import MAX_IMAGE_SIZE, WORKER_MEMORY_BYTES, Config, DetectParams, bounded_workers
 from align.dataset import Shard, Task
 from align.detect import MAX_PYRAMID_LEVEL_PIXELS, TooCostly
 from align.imageio import UnreadableImage
@@ -107,11 +107,21 @@ def test_options_without_bounds_are_refused(options):
 
 
 def test_workers_are_bounded_by_shards_and_memory():
-    assert bounded_workers(8, 3) == (3, None)
-    assert bounded_workers(1, 0)[0] == 1
-    fit = max(1, available_memory() // WORKER_MEMORY_BYTES)
+    gb = 1_000_000_000
+    assert WORKER_MEMORY_BYTES == 1.5 * gb
+    assert bounded_workers(8, 3, available=64 * gb) == (3, None)          # the shards bound them
+    assert bounded_workers(1, 0, available=64 * gb) == (1, None)
+    assert bounded_workers(4, 10, available=6 * gb) == (4, None)          # exactly 4 x 1.5 GB
+    assert bounded_workers(5, 10, available=6 * gb)[0] == 4               # one more does not fit
+    n, warning = bounded_workers(10_000, 10_000, available=int(6.9 * gb))
+    assert n == 4
+    assert warning == ("--workers 10000: 6.9 GB of memory available holds 4 worker(s) of ~1.5 GB; "
+                       "starting 4")
+    n, warning = bounded_workers(3, 10, available=gb)                    # less than one worker's
+    assert n == 1 and "holds 1 worker(s)" in warning
+    # by default, the memory available now: this machine holds no 10,000 workers
     n, warning = bounded_workers(10_000, 10_000)
-    assert n == fit and "GB of memory" in warning and "--workers 10000" in warning
+    assert 1 <= n < 10_000 and "GB of memory available" in warning and "--workers 10000" in warning
 
 
 @pytest.mark.parametrize("spelling, value", [("--detect_multiple_faces=True", True),
