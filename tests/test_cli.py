@@ -60,10 +60,10 @@ def _as_from_a_terminal() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def start_align(*args, cwd=None) -> subprocess.Popen:
+def start_align(*args, cwd=None, env=None) -> subprocess.Popen:
     """The command in the background, as the leader of a process group of its own (its
     workers included), so that the group can be signalled as a terminal would."""
-    return subprocess.Popen(align_cmd(*args), cwd=cwd, env=cli_env(), stdout=subprocess.PIPE,
+    return subprocess.Popen(align_cmd(*args), cwd=cwd, env={**cli_env(), **(env or {})}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, errors="replace",
                             start_new_session=True, preexec_fn=_as_from_a_terminal)
 
@@ -106,8 +106,24 @@ def live_group_members(pgid: int) -> list[int]:
     return [pid for pid, state, _, group in processes() if state != "Z" and group == pgid]
 
 
+def journal_dir(out: Path) -> Path:
+    """Where a run keeps its shards' journals while it runs (one `<shard key>.jsonl` each)."""
+    return out / ".align_dataset" / "journal"
+
+
+def journal_records(out: Path) -> list[dict]:
+    """Every complete line of every journal under `out`, journal by journal (sorted by name),
+    in each one's append order, each with its journal's shard key as "_shard"."""
+    lines = []
+    for p in sorted(journal_dir(out).glob("*.jsonl")):
+        for line in p.read_bytes().decode("utf-8", "surrogateescape").splitlines(keepends=True):
+            if line.endswith("\n"):
+                lines.append({**json.loads(line), "_shard": p.stem})
+    return lines
+
+
 def journal_lines(out: Path) -> int:
-    journal = out / ".align_dataset" / "journal"
+    journal = journal_dir(out)
     n = 0
     for p in journal.glob("*.jsonl") if journal.is_dir() else ():
         try:

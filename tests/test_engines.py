@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from conftest import SHARED
-from test_cli import (assert_same_tree, cli_env, describe, journal_lines, kill_group, ok,
-                      one_error_line, run_align, start_align, wait_for)
+from test_cli import (assert_same_tree, cli_env, describe, journal_dir, journal_lines, journal_records,
+                      kill_group, ok, one_error_line, run_align, start_align, wait_for)
 
 psutil = pytest.importorskip("psutil", reason="psutil comes with distributed (the dask extra)")
 pytest.importorskip("distributed", reason="the dask extra is not installed")
@@ -48,6 +48,11 @@ def local_run(photos, tmp_path_factory) -> Path:
     return cwd / "out"
 
 
+def journal_lines_of(out: Path, shard: str) -> list[str]:
+    """The inputs a shard's journal records, in its order."""
+    return [r["input"] for r in journal_records(out) if r["_shard"] == shard]
+
+
 def descendants(pid: int) -> list:
     try:
         return psutil.Process(pid).children(recursive=True)
@@ -65,19 +70,6 @@ def test_dask_engine_writes_the_local_engines_tree(photos, local_run, tmp_path):
     assert p.stdout.count("Dask dashboard") == 1
     assert "Traceback" not in p.stderr, p.stderr
     assert_same_tree(local_run, tmp_path / "out", ignore_summary_keys=IGNORE)
-
-
-def test_a_killed_dask_worker_has_its_shard_rerun(photos, local_run, tmp_path):
-    proc = start_align(photos, "out", "--engine", "dask", "--workers", 2, "--quiet", cwd=tmp_path)
-    out = tmp_path / "out"
-    wait_for(lambda: journal_lines(out) >= 1, proc, "a journal line was written")
-    workers = [w for w in descendants(proc.pid) if "spawn_main" in " ".join(w.cmdline())]
-    assert len(workers) == 2, "the LocalCluster's two worker processes are not there"
-    workers[0].kill()
-    stdout, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{stdout}\n{stderr}"
-    assert journal_lines(out) >= 1
-    assert_same_tree(local_run, out, ignore_summary_keys=IGNORE)
 
 
 def test_a_killed_dask_client_leaves_nothing_running_and_the_local_engine_finishes(
@@ -130,11 +122,60 @@ def scheduler(tmp_path):
         kill_group(p)
 
 
-def start_worker(address: str, tmp_path: Path, prefix=()) -> subprocess.Popen:
+def start_worker(address: str, tmp_path: Path, prefix=(), options=(), env=None) -> subprocess.Popen:
     return subprocess.Popen([*prefix, BIN / "dask", "worker", address, "--nworkers", "1",
-                             "--nthreads", "1", "--no-dashboard", "--local-directory", tmp_path],
-                            cwd=tmp_path, env=cli_env(), stdout=open(tmp_path / "worker.log", "a"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
+                             "--nthreads", "1", "--no-dashboard", "--local-directory", tmp_path, *options],
+                            cwd=tmp_path, env={**cli_env(), **(env or {})},
+                            stdout=open(tmp_path / "worker.log", "a"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def test_a_killed_dask_worker_has_its_shard_rerun(photos, local_run, scheduler, tmp_path):
+    """Two workers (no nanny to restart them) of a scheduler the run finds in
+    DASK_SCHEDULER_ADDRESS; the one the scheduler shows processing a shard that has journaled
+    nothing yet (a shard's photos are journaled in one batch) is killed: that shard is done by
+    the other, every photo once, and the tree is the local engine's."""
+    from distributed import Client
+    address, started = scheduler
+    started += [start_worker(address, tmp_path, options=["--no-nanny"]) for _ in range(2)]
+    out = tmp_path / "out"
+    with Client(address, timeout=60) as client:
+        client.wait_for_workers(2, timeout=120)
+        pids = client.run(os.getpid)
+        # the scheduler's address from the environment, as Dask itself takes it, not --scheduler
+        proc = start_align(photos, "out", "--engine", "dask", "--workers", 3, cwd=tmp_path,
+                           env={"DASK_SCHEDULER_ADDRESS": address})
+        started.append(proc)
+        victim = {}
+
+        def a_shard_in_flight() -> bool:
+            """A worker processing an align-shard task whose journal is still empty, once a
+            first shard is journaled (the nets are loaded)."""
+            if journal_lines(out) < 1:
+                return False
+            for worker, keys in client.processing().items():
+                for key in keys:
+                    if str(key).startswith("align-shard-"):
+                        shard = str(key)[len("align-shard-"):].rsplit("-", 1)[0]
+                        if not journal_lines_of(out, shard):
+                            victim.update(worker=worker, key=str(key), shard=shard)
+                            return True
+            return False
+        # the run's shards are on this scheduler: DASK_SCHEDULER_ADDRESS was used
+        wait_for(a_shard_in_flight, proc, "a worker of this scheduler processing a shard", timeout=240)
+        os.kill(pids[victim["worker"]], signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while victim["worker"] in client.scheduler_info()["workers"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert victim["worker"] not in client.scheduler_info()["workers"], "the killed worker is still listed"
+        stdout, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, f"exit {proc.returncode}\n{stdout}\n{stderr}"
+        assert len(client.scheduler_info()["workers"]) == 1
+    print(f"\nkilled {victim['worker']} processing {victim['key']}; the shard was rerun")
+    rerun = journal_lines_of(out, victim["shard"])
+    assert rerun and len(rerun) == len(set(rerun)), (victim, rerun)
+    assert all(r["status"] == "aligned" for r in journal_records(out)), "a shard failed instead of rerunning"
+    assert_same_tree(local_run, out, ignore_summary_keys=IGNORE)
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"),
