@@ -16,7 +16,7 @@ import pytest
 
 from conftest import SHARED
 from test_cli import (assert_same_tree, cli_env, describe, journal_dir, journal_lines, journal_records,
-                      kill_group, ok, one_error_line, run_align, start_align, wait_for)
+                      kill_group, ok, one_error_line, read_jsonl, run_align, start_align, summary, wait_for)
 
 psutil = pytest.importorskip("psutil", reason="psutil comes with distributed (the dask extra)")
 pytest.importorskip("distributed", reason="the dask extra is not installed")
@@ -194,6 +194,71 @@ def test_a_worker_that_does_not_see_input_dir_is_named(photos, scheduler, tmp_pa
     assert "Dask worker tcp://127.0.0.1:" in line and "does not see INPUT_DIR" in line, line
     assert "same paths on every worker" in line
     assert not list((tmp_path / "out").glob("*/*.png"))
+
+
+needs_unshare = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"),
+                                   reason="needs root and unshare(1) to change what one worker sees")
+
+
+def read_only_for_the_worker(folder: Path) -> list:
+    """A prefix for start_worker: the worker runs in a mount namespace of its own, where
+    `folder` (which must exist) is a read-only bind mount of itself; everyone else writes there."""
+    return ["unshare", "-m", "--propagation", "private", "sh", "-c",
+            f'mount --bind "{folder}" "{folder}" && mount -o remount,bind,ro "{folder}" && exec "$0" "$@"']
+
+
+@needs_unshare
+def test_a_worker_that_cannot_write_output_dir_is_named(photos, scheduler, tmp_path):
+    address, started = scheduler
+    out = tmp_path / "out"
+    out.mkdir()
+    started.append(start_worker(address, tmp_path, prefix=read_only_for_the_worker(out)))
+    p = run_align(photos, out, "--engine", "dask", "--scheduler", address)
+    assert p.returncode == 1, describe(p)
+    line = one_error_line(p)
+    assert "Dask worker tcp://127.0.0.1:" in line and f"cannot write into OUTPUT_DIR {out}" in line, line
+    assert "Read-only file system" in line
+    assert not list(out.glob("*/*.png"))
+
+
+def test_a_worker_without_the_weights_is_named(photos, scheduler, tmp_path):
+    address, started = scheduler
+    (tmp_path / "no_weights").mkdir()
+    started.append(start_worker(address, tmp_path, env={"ALIGN_WEIGHTS_DIR": str(tmp_path / "no_weights")}))
+    p = run_align(photos, tmp_path / "out", "--engine", "dask", "--scheduler", address)
+    assert p.returncode == 1, describe(p)
+    line = one_error_line(p)
+    assert "Dask worker tcp://127.0.0.1:" in line and "has no usable MTCNN weights" in line, line
+    assert f"{tmp_path / 'no_weights'} lacks det1.npy, det2.npy, det3.npy" in line
+    assert not list((tmp_path / "out").glob("*/*.png"))
+
+
+@needs_unshare
+def test_a_shard_that_fails_on_every_try_becomes_error_records_retried_by_the_next_run(
+        sample_paths, scheduler, tmp_path):
+    """The one worker sees the journals' folder read-only (its probe, which writes beside it,
+    passes): the shard raises on each of its tries, so its photos are recorded "error" by
+    the client, and the next run (the local engine) aligns them."""
+    address, started = scheduler
+    (tmp_path / "in" / "Ann").mkdir(parents=True)
+    for name in ("grace_hopper.jpg", "astronaut.png"):
+        shutil.copyfile(sample_paths[name], tmp_path / "in" / "Ann" / name)
+    out = tmp_path / "out"
+    journal_dir(out).mkdir(parents=True)
+    started.append(start_worker(address, tmp_path, prefix=read_only_for_the_worker(journal_dir(out))))
+    p = ok(run_align(tmp_path / "in", out, "--engine", "dask", "--scheduler", address, "--quiet"))
+    recs = read_jsonl(out / "faces.jsonl")
+    assert [(r["input"], r["status"]) for r in recs] == [("Ann/astronaut.png", "error"), ("Ann/grace_hopper.jpg", "error")]
+    for r in recs:
+        assert r["reason"].startswith("failed on every try (Dask): OSError"), r["reason"]
+        assert "Read-only file system" in r["reason"]
+    assert summary(out)["errors"] == 2
+    assert "Traceback" not in p.stderr, describe(p)
+
+    ok(run_align(tmp_path / "in", out, "--quiet"))
+    assert [(r["input"], r["status"]) for r in read_jsonl(out / "faces.jsonl")] == [
+        ("Ann/astronaut.png", "aligned"), ("Ann/grace_hopper.jpg", "aligned")]
+    assert summary(out)["errors"] == 0 and summary(out)["processed_this_run"] == 2
 
 
 def test_no_worker_writes_after_its_client_is_gone(photos, scheduler, tmp_path):
