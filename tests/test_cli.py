@@ -429,8 +429,56 @@ def test_workers_and_random_order_give_the_same_bytes(big_dir, reference_run, tm
     out = tmp_path / "b" / "out"
     assert summary(out)["workers"] == 3 and summary(reference_run)["workers"] == 1
     assert summary(out)["images"] == n_inputs(big_dir)
-    assert len(list((out / ".align_dataset" / "journal").glob("*.jsonl"))) >= 6
+    assert len(list(journal_dir(out).glob("*.jsonl"))) >= 6
     assert_same_tree(reference_run, out)
+    # the order was random: the journals (each in its append order) are not runs of the input order
+    position = {r["input"]: i for i, r in enumerate(records(reference_run))}
+    shards: dict[str, list[int]] = {}
+    for r in journal_records(out):
+        shards.setdefault(r["_shard"], []).append(position[r["input"]])
+    assert sorted(i for done in shards.values() for i in done) == list(range(len(position)))
+    assert any(done != list(range(done[0], done[0] + len(done))) for done in shards.values()), \
+        f"every shard ran a run of the input order: {shards}"
+
+
+def test_the_readmes_margin_example_is_facenets_crop_at_that_margin(sample_dir, default_run, tmp_path):
+    """`align_dataset sample sample_aligned_160 --image_size 160 --margin 32 --random_order`:
+    facenet's crop box and thumbnail at margin 32 (not the default run's 44)."""
+    ok(run_align(sample_dir, "sample_aligned_160", "--image_size", 160, "--margin", 32, "--random_order",
+                 cwd=tmp_path))
+    out = tmp_path / "sample_aligned_160"
+    recs = records(out)
+    assert [r["status"] for r in recs] == ["aligned"] * 3
+    at_44 = {r["input"]: r["written"][0]["crop_box"] for r in records(default_run[1])}
+    for r in recs:
+        (w,) = r["written"]
+        bb, expected = facenet_crop(sample_dir / r["input"], r["faces"][w["face"]]["box"], margin=32, size=160)
+        assert w["crop_box"] == bb != at_44[r["input"]], r["input"]
+        assert np.array_equal(png_rgb(out / w["output"]), expected), w["output"]
+    assert bbox_lines(out) == [f"sample_aligned_160/{r['written'][0]['output']} "
+                               f"{' '.join(map(str, r['written'][0]['crop_box']))}" for r in recs]
+
+
+def test_format_jpg_end_to_end(sample_dir, tmp_path):
+    """--format jpg: JPEG thumbnails named .jpg in the records and bounding_boxes.txt, which
+    decode to facenet's crop (less the JPEG loss); no PNG is written."""
+    ok(run_align(sample_dir, "out", "--format", "jpg", "--workers", 1, "--quiet", cwd=tmp_path))
+    out = tmp_path / "out"
+    recs = records(out)
+    assert [w["output"] for r in recs for w in r["written"]] == \
+        ["Eileen_Collins/astronaut.jpg", "Grace_Hopper/grace_hopper.jpg", "Group/t1.jpg"]
+    assert [r["output"] for r in recs] == [w["output"] for r in recs for w in r["written"]]
+    assert [line.split(" ")[0] for line in bbox_lines(out)] == [f"out/{r['output']}" for r in recs]
+    thumbnails = sorted(p.relative_to(out).as_posix() for p in out.glob("*/*") if p.parent.name != ".align_dataset")
+    assert thumbnails == sorted(r["output"] for r in recs)
+    for r in recs:
+        (w,) = r["written"]
+        assert (out / w["output"]).read_bytes()[:3] == b"\xff\xd8\xff"
+        with Image.open(out / w["output"]) as im:
+            assert (im.format, im.mode, im.size) == ("JPEG", "RGB", (182, 182))
+            got = np.asarray(im).astype(np.int16)
+        _, expected = facenet_crop(sample_dir / r["input"], r["faces"][w["face"]]["box"], margin=44, size=182)
+        assert np.abs(got - expected).mean() < 2, (w["output"], np.abs(got - expected).mean())
 
 
 # --- 3. kill -9 and rerun ------------------------------------------------------------------------
