@@ -91,6 +91,24 @@ def test_detect_faces_refuses_a_pyramid_level_too_large(detector, sample_images)
     assert isinstance(e.value, ValueError) and str(MAX_PYRAMID_LEVEL_PIXELS) in str(e.value)
 
 
+def test_more_r_net_candidates_than_o_net_takes_are_refused(detector, sample_images):
+    """A 1920 px mosaic of 6,400 faces of 24 px (t1.jpg's six, tiled) with R-Net passing every
+    candidate (--thresholds 0.98,0,0.7) leaves 10,097 candidates for O-Net: refused, over
+    MAX_ONET_CANDIDATES, before O-Net runs on them."""
+    from align.detect import MAX_ONET_CANDIDATES
+    group = sample_images["t1.jpg"]
+    tiles = [np.asarray(Image.fromarray(group[max(0, y1):y2, max(0, x1):x2]).resize((24, 24)))
+             for x1, y1, x2, y2 in detector.detect(group).boxes.astype(int)]
+    assert len(tiles) == 6
+    mosaic = np.concatenate([np.concatenate([tiles[(i * 80 + j) % 6] for j in range(80)], axis=1)
+                             for i in range(80)])
+    assert mosaic.shape == (1920, 1920, 3)
+    with pytest.raises(TooCostly, match=f"R-Net candidates for O-Net \\(limit {MAX_ONET_CANDIDATES}\\); "
+                                        f"raise --thresholds") as e:
+        detector.detect(mosaic, DetectParams(thresholds=(0.98, 0, 0.7)))
+    assert MAX_ONET_CANDIDATES == 5_000 and int(str(e.value).split()[5]) > 2 * MAX_ONET_CANDIDATES
+
+
 def test_default_options_never_hit_the_pyramid_bounds():
     """The largest photo imageio decodes, at the default options, is searched as before."""
     from align.detect import cost_refusal
