@@ -7,6 +7,7 @@ The browser tests skip, saying why, where no Chromium starts (`.ci/run` installs
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import struct
@@ -134,6 +135,37 @@ def test_report_memory_stays_bounded_on_a_large_job(tmp_path):
     html = path.read_text()
     assert "15000 photos" in html and "input photo not readable now" in html
     assert not any((tmp_path / report.PICTURES).iterdir())
+
+
+def test_pictures_stay_within_their_caps_on_a_large_job(tmp_path):
+    """20,000 records whose photos all exist (hard links to one photo of noise, drawn at its
+    own size of 320 px: the worst case for JPEG): at most 96 pictures, none over 60 kB, under
+    6 MB in all (the README's figures), every one shown by the page."""
+    rng = random.Random(2)
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (320, 320, 3), dtype=np.uint8)
+                    ).save(tmp_path / "noise.png")
+    records = [synthetic_record(i, i % 400, rng) for i in range(20_000)]
+    for r in records:
+        r["size"] = r["size"] and [320, 320]
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    for identity in range(400):
+        (inputs / f"id{identity:04d}").mkdir(parents=True)
+    for r in records:
+        os.link(tmp_path / "noise.png", inputs / r["input"])
+    out.mkdir()
+    (out / "faces.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (out / "summary.json").write_text(json.dumps({"input_dir": str(inputs), "output_dir": str(out)}))
+    html = report.write_report(out).read_text()
+    pictures = sorted((out / report.PICTURES).iterdir())
+    sizes = [p.stat().st_size for p in pictures]
+    print(f"\n{len(pictures)} pictures, {sum(sizes) / 1e6:.2f} MB, largest {max(sizes)} bytes")
+    assert 90 <= len(pictures) <= 96
+    assert max(sizes) <= 60_000 and sum(sizes) < 6_000_000
+    for p in pictures:
+        with Image.open(p) as im:
+            assert im.format == "JPEG" and max(im.size) <= 320
+        assert p.name in html
+    assert "input photo not readable now" not in html
 
 
 def test_version_is_the_installed_packages():
