@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import site
 import stat
 import struct
 import subprocess
@@ -1063,6 +1064,81 @@ def test_read_only_output_dir_is_one_error_line(default_run, sample_dir, tmpfs):
     assert p.returncode == 1, describe(p)
     assert "must be writable" in one_error_line(p)
     assert snapshot(tmpfs / "out") == before
+
+
+NOBODY = 65534
+AS_NOBODY = ([shutil.which("setpriv"), f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+             if shutil.which("setpriv") else ["runuser", "-u", "nobody", "--"] if shutil.which("runuser") else None)
+
+
+def python_for_nobody(cwd: Path, env: dict) -> str:
+    """A Python of this version that nobody can start, and that can start itself again (the
+    local engine spawns its workers with sys.executable), with this checkout and the venv's
+    packages importable: the venv's own, else the system's (a venv made from an interpreter
+    under a private home is not executable by others). Skips the test when there is none."""
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    tried = []
+    for python in dict.fromkeys(filter(None, [sys.executable, shutil.which(version, path="/usr/local/bin:/usr/bin:/bin")])):
+        check = ("import subprocess, sys; sys.exit(subprocess.run([sys.executable, '-c', "
+                 "'import align.cli, cv2, tensorflow']).returncode)")
+        p = subprocess.run([*AS_NOBODY, python, "-c", check], cwd=cwd, env=env, capture_output=True,
+                           text=True, errors="replace", timeout=300)
+        if p.returncode == 0:
+            return python
+        tried.append(f"{python}: {(p.stderr.strip().splitlines() or ['exit %d' % p.returncode])[-1]}")
+    pytest.skip(f"no Python that user nobody can run with this checkout's packages ({'; '.join(tried)})")
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or AS_NOBODY is None,
+                    reason="runs the command as user nobody: needs root and setpriv(1) or runuser(1)")
+def test_permission_errors_as_an_unprivileged_user(sample_dir, weights, tmp_path_factory):
+    """As nobody (root reads every file, so this is how the branch runs): a photo it may not
+    read is an "error" record, aligned by the rerun once readable; an OUTPUT_DIR it may not
+    write is one Error line."""
+    import tempfile
+    root = Path(tempfile.mkdtemp(prefix="align-nobody-"))      # /tmp/pytest-of-root is root's alone
+    try:
+        root.chmod(0o755)
+        for name in ("home", "out"):
+            (root / name).mkdir()
+            os.chown(root / name, NOBODY, NOBODY)
+        (root / "weights").mkdir()
+        for name in ("det1.npy", "det2.npy", "det3.npy"):
+            shutil.copyfile(Path(weights) / name, root / "weights" / name)
+        (root / "in" / "Grace_Hopper").mkdir(parents=True)
+        for name in ("readable.jpg", "locked.jpg"):
+            shutil.copyfile(sample(sample_dir, "grace_hopper.jpg"), root / "in" / "Grace_Hopper" / name)
+        (root / "in" / "Grace_Hopper" / "locked.jpg").chmod(0)
+        (root / "root_out").mkdir()                               # root's, 0755
+
+        env = {**cli_env(), "HOME": str(root / "home"), "ALIGN_WEIGHTS_DIR": str(root / "weights"),
+               "PYTHONDONTWRITEBYTECODE": "1"}
+        env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], *site.getsitepackages()])
+        python = python_for_nobody(root, env)
+
+        def as_nobody(*args) -> subprocess.CompletedProcess:
+            return subprocess.run([*AS_NOBODY, python, *align_cmd(*args)[1:]], cwd=root, env=env,
+                                  capture_output=True, text=True, errors="replace", timeout=300)
+
+        p = as_nobody("in", "out", "--workers", 1, "--quiet")
+        ok(p)
+        status = {r["input"]: (r["status"], r["reason"]) for r in records(root / "out")}
+        assert status["Grace_Hopper/readable.jpg"] == ("aligned", None)
+        assert status["Grace_Hopper/locked.jpg"][0] == "error"
+        assert "permission denied" in status["Grace_Hopper/locked.jpg"][1].lower()
+        assert summary(root / "out")["errors"] == 1
+        (root / "in" / "Grace_Hopper" / "locked.jpg").chmod(0o644)
+        ok(as_nobody("in", "out", "--workers", 1, "--quiet"))
+        assert [r["status"] for r in records(root / "out")] == ["aligned", "aligned"]
+        assert (summary(root / "out")["errors"], summary(root / "out")["processed_this_run"]) == (0, 1)
+
+        p = as_nobody("in", "root_out", "--workers", 1)
+        assert p.returncode == 1, describe(p)
+        line = one_error_line(p)
+        assert "Permission denied" in line and "must be writable" in line and "fix its permissions" in line, line
+        assert list((root / "root_out").iterdir()) == []
+    finally:
+        shutil.rmtree(root)
 
 
 @root_only
