@@ -1,6 +1,8 @@
 """The engines against each other: the dask engine on a real cluster (a LocalCluster of worker
-processes, or a scheduler and a worker started as commands) writes the tree the local engine
-writes, survives a killed worker, and leaves nothing running or writing when its client dies."""
+processes, or a scheduler and workers started as commands) writes the tree the local engine
+writes, reruns the shard of a killed worker, names a worker that cannot see INPUT_DIR, write
+OUTPUT_DIR or find the weights, records a shard that fails on every try as errors for the next
+run, and leaves nothing running or writing when its client dies."""
 from __future__ import annotations
 
 import fcntl
@@ -48,7 +50,7 @@ def local_run(photos, tmp_path_factory) -> Path:
     return cwd / "out"
 
 
-def journal_lines_of(out: Path, shard: str) -> list[str]:
+def journal_inputs_of(out: Path, shard: str) -> list[str]:
     """The inputs a shard's journal records, in its order."""
     return [r["input"] for r in journal_records(out) if r["_shard"] == shard]
 
@@ -104,6 +106,10 @@ def test_ctrl_c_stops_a_dask_run_cleanly_and_the_rerun_completes(photos, local_r
     assert_same_tree(local_run, out, ignore_summary_keys=IGNORE)
 
 
+needs_unshare = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"),
+                                   reason="needs root and unshare(1) to change what one worker sees")
+
+
 @pytest.fixture()
 def scheduler(tmp_path):
     """A Dask scheduler started as a command, on a free loopback port; its address."""
@@ -157,7 +163,7 @@ def test_a_killed_dask_worker_has_its_shard_rerun(photos, local_run, scheduler, 
                 for key in keys:
                     if str(key).startswith("align-shard-"):
                         shard = str(key)[len("align-shard-"):].rsplit("-", 1)[0]
-                        if not journal_lines_of(out, shard):
+                        if not journal_inputs_of(out, shard):
                             victim.update(worker=worker, key=str(key), shard=shard)
                             return True
             return False
@@ -172,14 +178,13 @@ def test_a_killed_dask_worker_has_its_shard_rerun(photos, local_run, scheduler, 
         assert proc.returncode == 0, f"exit {proc.returncode}\n{stdout}\n{stderr}"
         assert len(client.scheduler_info()["workers"]) == 1
     print(f"\nkilled {victim['worker']} processing {victim['key']}; the shard was rerun")
-    rerun = journal_lines_of(out, victim["shard"])
+    rerun = journal_inputs_of(out, victim["shard"])
     assert rerun and len(rerun) == len(set(rerun)), (victim, rerun)
     assert all(r["status"] == "aligned" for r in journal_records(out)), "a shard failed instead of rerunning"
     assert_same_tree(local_run, out, ignore_summary_keys=IGNORE)
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"),
-                    reason="needs root and unshare(1) to hide INPUT_DIR from one worker")
+@needs_unshare
 def test_a_worker_that_does_not_see_input_dir_is_named(photos, scheduler, tmp_path):
     address, started = scheduler
     hidden = tmp_path / "hidden"
@@ -194,10 +199,6 @@ def test_a_worker_that_does_not_see_input_dir_is_named(photos, scheduler, tmp_pa
     assert "Dask worker tcp://127.0.0.1:" in line and "does not see INPUT_DIR" in line, line
     assert "same paths on every worker" in line
     assert not list((tmp_path / "out").glob("*/*.png"))
-
-
-needs_unshare = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"),
-                                   reason="needs root and unshare(1) to change what one worker sees")
 
 
 def read_only_for_the_worker(folder: Path) -> list:
