@@ -174,13 +174,23 @@ def build_onet(weights: dict) -> keras.Model:
 
 def compiled(fn: Callable, shape: tuple, dtype: str = "float32") -> Callable:
     """`fn` of one tensor of `shape` (None: any size) and `dtype`, as this backend runs it best:
-    TensorFlow: one tf.function, traced once for every shape; JAX: jax.jit (a compilation per
-    input shape); PyTorch: eager, without autograd; other backends: as it is."""
+    TensorFlow: one tf.function, traced once for every shape; JAX: jax.jit, over the batch
+    padded to a power of two (a compilation per input size and batch size); PyTorch: eager,
+    without autograd; other backends: as it is."""
     if TENSORFLOW:
         return tf.function(fn, input_signature=[tf.TensorSpec(shape, dtype)])
     if BACKEND == "jax":
         import jax
-        return jax.jit(fn)
+        jitted = jax.jit(fn)
+
+        def batch_of_power_of_two(x):
+            """A compilation per input size and power of two, not per batch size."""
+            n = len(x)
+            padded = np.zeros((1 << (n - 1).bit_length(),) + x.shape[1:], x.dtype)
+            padded[:n] = x
+            return [np.asarray(o)[:n] for o in jitted(padded)]
+        batch_of_power_of_two.compilations = jitted._cache_size
+        return batch_of_power_of_two
     if BACKEND == "torch":
         import torch
 
@@ -195,7 +205,7 @@ def traces(fn: Callable) -> int:
     """How many times a `compiled` function was traced or compiled (0 where nothing is)."""
     if TENSORFLOW:
         return fn.experimental_get_tracing_count()
-    return fn._cache_size() if hasattr(fn, "_cache_size") else 0
+    return fn.compilations() if hasattr(fn, "compilations") else 0
 
 
 def to_numpy(tensor) -> np.ndarray:
