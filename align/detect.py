@@ -119,6 +119,9 @@ class NetCalls(Protocol):
     def warm_up(self) -> None:
         """Trace or compile what the first photos would otherwise wait for."""
 
+    def trace_counts(self) -> dict[str, int]:
+        """How often each net was traced or compiled so far (where that happens here)."""
+
 
 class LocalNets:
     """The three nets in this process, numpy in and out (see NetCalls); R-Net and O-Net in

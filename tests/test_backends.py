@@ -15,7 +15,7 @@ from conftest import REPO, SHARED, decode
 
 BACKENDS = ["jax", "torch"]
 REFERENCE = SHARED / "reference" / "facenet_dev.jsonl"
-TIMEOUT_S = 900
+TIMEOUT_S = 1800       # a guard against a hang (JAX compiles P-Net for each level size: minutes)
 
 
 def env(backend: str, *path_first: Path) -> dict:
@@ -45,10 +45,15 @@ def dev_detections(tmp_path_factory) -> tuple[list[dict], dict[str, dict]]:
             running[backend] = (out, subprocess.Popen(cmd, env=env(backend), stdout=subprocess.PIPE,
                                                       stderr=subprocess.STDOUT, text=True))
     results = {}
-    for backend, (out, proc) in running.items():
-        log, _ = proc.communicate(timeout=TIMEOUT_S)
-        assert proc.returncode == 0, f"{backend}: {log[-3000:]}"
-        results[backend] = json.loads(out.read_text())
+    try:
+        for backend, (out, proc) in running.items():
+            log, _ = proc.communicate(timeout=TIMEOUT_S)
+            assert proc.returncode == 0, f"{backend}: {log[-3000:]}"
+            results[backend] = json.loads(out.read_text())
+    finally:
+        for _, proc in running.values():
+            proc.kill()
+            proc.wait()
     return rows, results
 
 
