@@ -61,7 +61,7 @@ def configure_threads(threads: int, gpu_memory_fraction: float) -> None:
     elif backend == "jax":
         flags = os.environ.get("XLA_FLAGS", "")
         if "intra_op_parallelism_threads" not in flags:
-            os.environ["XLA_FLAGS"] = (f"{flags} --xla_cpu_multi_thread_eigen={threads > 1} "
+            os.environ["XLA_FLAGS"] = (f"{flags} --xla_cpu_multi_thread_eigen={str(threads > 1).lower()} "
                                        f"intra_op_parallelism_threads={threads}").strip()
     elif backend == "tensorflow":
         _configure_tensorflow(threads, gpu_memory_fraction)
