@@ -1,5 +1,6 @@
 # make align   aligns a small real sample (or INPUT=... OUTPUT=...)
 # make test    runs the whole suite
+# make gpu-bundle  prepares .device/ for bench/gpu.sh, the GPU machine's one-call benchmark
 # make bench   measures photos/s against facenet's original loop (DATA=... picks the folder;
 #              ENGINE=dask also runs the dask engine on a LocalCluster, beside the local one;
 #              BENCH_ARGS=--arcface times --align arcface beside box mode)
@@ -15,12 +16,12 @@ DATA   ?= $(SAMPLE)
 ENGINE ?= local
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: align test bench weights venv clean
+.PHONY: align test bench weights venv clean gpu-bundle
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: setup.cfg pyproject.toml setup.py align/_native.c
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,backends]'
 	# the reference implementation, for parity tests and benchmarks only (its declared
 	# dependencies are TF1-era; what it needs to run is in the test extra)
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps facenet==1.0.5
@@ -42,6 +43,10 @@ test: venv weights
 
 bench: venv weights $(if $(filter $(SAMPLE),$(DATA)),$(SAMPLE_STAMP))
 	$(PY) bench/bench.py $(DATA) --engine $(ENGINE) $(BENCH_ARGS)
+
+# what bench/gpu.sh needs on the GPU machine, in .device/ (carry it there)
+gpu-bundle: venv weights
+	bench/gpu_prepare.sh
 
 clean:
 	rm -rf $(VENV) $(SAMPLE) $(SAMPLE)_aligned $(SAMPLE_STAMP) bench/out

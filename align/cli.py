@@ -118,6 +118,10 @@ def _opt(*names, **kw):
       help="Dask scheduler address, e.g. tcp://HOST:8786 (default: DASK_SCHEDULER_ADDRESS, else "
            "a LocalCluster of --workers processes). INPUT_DIR and OUTPUT_DIR must be at the same "
            "paths on every worker.")
+@_opt("--device", metavar="cpu|gpu|gpu:N", default=None,
+      help="Run the nets for every worker in one process that owns this device, batched over "
+           "their photos (for one GPU and many cores); default: each worker runs its own. "
+           "The backend is Keras's: KERAS_BACKEND=tensorflow|jax|torch.")
 @_opt("--min_face_size", type=click.FloatRange(min=1), default=DEFAULTS.min_face_size,
       help="Smallest face searched for, pixels of the input image (facenet's minsize).")
 @_opt("--thresholds", default=",".join(str(t) for t in DEFAULTS.thresholds), callback=_thresholds,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, field
 
 
@@ -99,7 +100,10 @@ class Config:
     quiet: no progress output; engine: where the shards run ("local": a process pool here,
     "dask": a Dask cluster); scheduler: the Dask scheduler's address (None: the
     DASK_SCHEDULER_ADDRESS environment variable, else a LocalCluster of `workers` processes);
-    report: write OUTPUT_DIR/report.html at the end (align.report)."""
+    report: write OUTPUT_DIR/report.html at the end (align.report);
+    device: None (every worker runs the nets itself), or "cpu", "gpu", "gpu:N": one process
+    holds the nets on that device and runs them for every worker, batched over their photos
+    (align/nets_server.py; the local engine only)."""
     image_size: int | None = None
     margin: int | None = None
     detect_multiple_faces: bool = False
@@ -116,6 +120,7 @@ class Config:
     scheduler: str | None = None
     report: bool = True
     align: str = "box"
+    device: str | None = None
 
     def __post_init__(self):
         if self.align not in ALIGNS:
@@ -140,6 +145,10 @@ class Config:
             raise ValueError(f"format must be one of {FORMATS}, not {self.format!r}")
         if self.engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, not {self.engine!r}")
+        if self.device is not None and not re.fullmatch(r"(cpu|gpu)(:\d+)?", self.device):
+            raise ValueError(f"device must be cpu, gpu or gpu:N, not {self.device!r}")
+        if self.device is not None and self.engine != "local":
+            raise ValueError("--device is for the local engine (one nets process on this machine)")
         if self.scheduler and self.engine != "dask":
             raise ValueError("a scheduler address is for the dask engine (--engine dask)")
         object.__setattr__(self, "thresholds", tuple(float(t) for t in self.thresholds))

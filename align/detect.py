@@ -5,28 +5,29 @@
             -> 24x24 crops -> R-Net (all images at once) -> score > t2, NMS 0.7, bbreg, square
             -> truncate -> 48x48 crops -> O-Net -> score > t3, landmarks, bbreg, NMS 0.7 Min
 
-Images are HxWx3 uint8 RGB; boxes and landmarks come back in their pixels. The nets run in
-TensorFlow; the pyramid levels are OpenCV's INTER_AREA resizes to uint8, the very call facenet
-makes; everything between the nets is numpy on float64, as in facenet. Each image's result
-depends on that image alone (tests check it against detecting it by itself).
+Images are HxWx3 uint8 RGB; boxes and landmarks come back in their pixels. The nets run on
+Keras's backend (TensorFlow by default), in this process (`LocalNets`) or in the one process
+that owns the device (`align.nets_server`); the pyramid levels are OpenCV's INTER_AREA resizes
+to uint8, the very call facenet makes; everything between the nets is numpy on float64, as in
+facenet. Each image's result depends on that image alone (tests check it against detecting it
+by itself).
 """
 from __future__ import annotations
 
 import os
 import threading
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import cv2
 import numpy as np
-import tensorflow as tf
 
 from align import boxes as bx
 from align import native
 from align.config import DetectParams
 from align.resample import normalised_crops, summed_area_table
-from facenet_nets.nets import Nets, build_nets
+from facenet_nets import NORM_MEAN, NORM_SCALE
 
-NORM_MEAN, NORM_SCALE = 127.5, 0.0078125
 # Bounds on one photo's work, checked before it is done (a photo over them is TooCostly): what
 # the default options need on the largest photo imageio accepts (60 Mpx: a 21.6 Mpx first level,
 # 43 Mpx in all) fits, so they change no detection under normal options. Tiny --min_face_size
@@ -102,29 +103,73 @@ def as_rgb(image) -> np.ndarray:
     return np.ascontiguousarray(a[:, :, :3])
 
 
-class Detector:
-    """The three nets, loaded once, and the cascade over them."""
+class NetCalls(Protocol):
+    """The three nets as numpy functions; where they run is the implementation's business."""
 
-    def __init__(self, weights_dir: str | os.PathLike | None = None, nets: Nets | None = None):
-        self.nets = nets or build_nets(weights_dir)
-        pnet = self.nets.pnet_model
+    def pnet(self, levels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(N, H, W, 3) uint8 pyramid levels -> box regression (N, H', W', 4), face
+        probability (N, H', W'), float32."""
 
-        @tf.function(input_signature=[tf.TensorSpec((None, None, None, 3), tf.uint8)])
-        def pnet_levels(levels):
-            return pnet((tf.cast(levels, tf.float32) - NORM_MEAN) * NORM_SCALE, training=False)
+    def rnet(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(N, 24, 24, 3) normalised float32 crops -> regression (N, 4), probabilities (N, 2)."""
 
-        self.pnet_levels = pnet_levels
+    def onet(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(N, 48, 48, 3) -> regression (N, 4), landmarks (N, 10), probabilities (N, 2)."""
 
     def warm_up(self) -> None:
-        """Trace every function once (on zeros), so the first photos do not pay for it."""
-        self.pnet_levels(np.zeros((1, 12, 12, 3), np.uint8))
-        self.nets.rnet(np.zeros((ROW_MULTIPLE, 24, 24, 3), np.float32))
-        self.nets.onet(np.zeros((ROW_MULTIPLE, 48, 48, 3), np.float32))
+        """Trace or compile what the first photos would otherwise wait for."""
+
+    def trace_counts(self) -> dict[str, int]:
+        """How often each net was traced or compiled so far (where that happens here)."""
+
+
+class LocalNets:
+    """The three nets in this process, numpy in and out (see NetCalls); R-Net and O-Net in
+    calls of at most `max_rows` rows."""
+
+    def __init__(self, weights_dir: str | os.PathLike | None = None, max_rows: int = MAX_CROPS):
+        from facenet_nets.nets import build_nets, to_numpy, traces
+        self.nets = build_nets(weights_dir)
+        self.max_rows = max_rows
+        self._numpy, self._traces = to_numpy, traces
+
+    def pnet(self, levels):
+        return tuple(self._numpy(t) for t in self.nets.pnet_levels(levels))
+
+    def rnet(self, crops):
+        return self._rows(self.nets.rnet, crops)
+
+    def onet(self, crops):
+        return self._rows(self.nets.onet, crops)
+
+    def _rows(self, net, x: np.ndarray) -> tuple:
+        chunks = [[self._numpy(o) for o in net(x[s:s + self.max_rows])]
+                  for s in range(0, len(x), self.max_rows)]
+        return tuple(np.concatenate(o) for o in zip(*chunks))
+
+    def warm_up(self) -> None:
+        self.pnet(np.zeros((1, 12, 12, 3), np.uint8))
+        self.rnet(np.zeros((ROW_MULTIPLE, 24, 24, 3), np.float32))
+        self.onet(np.zeros((ROW_MULTIPLE, 48, 48, 3), np.float32))
 
     def trace_counts(self) -> dict[str, int]:
         counts = self.nets.trace_counts()
-        counts["pnet_levels"] = self.pnet_levels.experimental_get_tracing_count()
+        counts["pnet_levels"] = self._traces(self.nets.pnet_levels)
         return counts
+
+
+class Detector:
+    """The three nets, loaded once (or reached in the nets server), and the cascade over them."""
+
+    def __init__(self, weights_dir: str | os.PathLike | None = None, nets: NetCalls | None = None):
+        self.nets = nets or LocalNets(weights_dir)
+
+    def warm_up(self) -> None:
+        """Trace every function once (on zeros), so the first photos do not pay for it."""
+        self.nets.warm_up()
+
+    def trace_counts(self) -> dict[str, int]:
+        return self.nets.trace_counts()
 
     def detect(self, image, params: DetectParams = DetectParams()) -> Faces:
         return self.detect_batch([image], params)[0]
@@ -193,7 +238,7 @@ class Detector:
                     levels = np.empty((len(chunk), lh, lw, 3), np.uint8)
                     for j, i in enumerate(chunk):
                         cv2.resize(images[i], (lw, lh), dst=levels[j], interpolation=cv2.INTER_AREA)
-                    reg, prob = (t.numpy() for t in self.pnet_levels(levels))
+                    reg, prob = self.nets.pnet(levels)
                     for j, i in enumerate(chunk):
                         b = bx.generate_boxes(prob[j], reg[j], scale, t1)
                         _too_many(len(b), MAX_LEVEL_CANDIDATES, "P-Net windows on one pyramid level")
@@ -226,16 +271,15 @@ def _crops(image: np.ndarray, boxes: np.ndarray, size: int) -> np.ndarray | None
 
 
 def _run_split(net, batches: list[np.ndarray | None]) -> list[tuple | None]:
-    """Run `net` over the concatenation of the non-empty batches, in calls of at most
-    MAX_CROPS rows; give each batch back its own rows of every output."""
+    """Run `net` (a NetCalls method) once over the concatenation of the non-empty batches,
+    padded to ROW_MULTIPLE rows; give each batch back its own rows of every output."""
     parts = [b for b in batches if b is not None]
     if not parts:
         return [None] * len(batches)
     rows = sum(len(p) for p in parts)
     x = np.zeros((rows + -rows % ROW_MULTIPLE,) + parts[0].shape[1:], parts[0].dtype)
     np.concatenate(parts, out=x[:rows])
-    chunks = [[o.numpy() for o in net(x[s:s + MAX_CROPS])] for s in range(0, len(x), MAX_CROPS)]
-    outs = [np.concatenate(o) for o in zip(*chunks)]
+    outs = net(x)
     result, start = [], 0
     for b in batches:
         if b is None:

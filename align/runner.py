@@ -23,6 +23,7 @@ from align.engines import Interrupted, JobError, OptionsError, make_engine  # no
 from align.records import BOXES, RECORDS, SUMMARY, Journal, RecordIndex, StateDir, finished_summary, write_summary
 from align.report import REPORT, report_or_warn
 from align.worker import ShardJob
+from facenet_nets import backend_name
 from facenet_nets.weights import verify_weights
 
 # options whose change changes the output: a resumed run must use the same ones
@@ -253,6 +254,7 @@ def _run(config, engine, input_dir, output_dir, output_arg, state, finished, fou
         "skipped_entries": job.skipped,
         "processed_this_run": len(pending),
         "engine": engine.name,
+        "backend": backend_name(),
         "workers": ran.workers if ran else 0,
         "wall_s": round(t_end - t0, 3), "processing_s": round(processing_s, 3),
         "images_per_s": round(len(pending) / processing_s, 2) if processing_s > 0 else None,

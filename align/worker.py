@@ -44,12 +44,31 @@ _detector = None
 
 
 def configure_threads(threads: int, gpu_memory_fraction: float) -> None:
-    """Threads of this process's OpenCV and TensorFlow, and TF's GPU memory. Where TF has
-    already started in the process (a caller's script re-imported by spawn, say), it keeps
-    what it has."""
+    """Threads of this process's OpenCV and of Keras's backend, and TF's GPU memory. Where the
+    backend has already started in the process (a caller's script re-imported by spawn, say),
+    it keeps what it has."""
     import cv2
-    import tensorflow as tf
     cv2.setNumThreads(threads)
+    from facenet_nets import backend_name
+    backend = backend_name()
+    if backend == "torch":
+        import torch
+        torch.set_num_threads(threads)
+        try:
+            torch.set_num_interop_threads(1)
+        except RuntimeError:
+            pass
+    elif backend == "jax":
+        flags = os.environ.get("XLA_FLAGS", "")
+        if "intra_op_parallelism_threads" not in flags:
+            os.environ["XLA_FLAGS"] = (f"{flags} --xla_cpu_multi_thread_eigen={str(threads > 1).lower()} "
+                                       f"intra_op_parallelism_threads={threads}").strip()
+    elif backend == "tensorflow":
+        _configure_tensorflow(threads, gpu_memory_fraction)
+
+
+def _configure_tensorflow(threads: int, gpu_memory_fraction: float) -> None:
+    import tensorflow as tf
     try:
         tf.config.threading.set_intra_op_parallelism_threads(threads)
         tf.config.threading.set_inter_op_parallelism_threads(1)
@@ -87,10 +106,18 @@ class QuietStderr:
         os.close(self.saved)
 
 
-def load_nets(threads: int = 1, gpu_memory_fraction: float = 1.0):
-    """This process's Detector, built and traced on the first call (TensorFlow on `threads`
-    threads); later calls return it as it is."""
+def load_nets(threads: int = 1, gpu_memory_fraction: float = 1.0, nets_server: str | None = None):
+    """This process's Detector, built and traced on the first call (Keras's backend on
+    `threads` threads), or, given the address of a nets server (align.nets_server), one whose
+    nets are that server's: then this process loads no net and no framework. Later calls
+    return it as it is."""
     global _detector
+    if _detector is None and nets_server:
+        import cv2
+        from align.detect import Detector
+        from align.nets_server import RemoteNets
+        cv2.setNumThreads(threads)
+        _detector = Detector(nets=RemoteNets(nets_server))
     if _detector is None:
         with QuietStderr():
             configure_threads(threads, gpu_memory_fraction)

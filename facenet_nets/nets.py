@@ -12,18 +12,28 @@ it needs nothing. Outputs therefore equal facenet's, transposed back where facen
 
 PReLU is this module's own layer (see `PReLU`): the same numbers as Keras's, in fewer passes
 over memory, which is where P-Net spends half its time on large images.
+
+The layers are `keras.ops`, so the nets run on any Keras 3 backend: the one Keras chose
+(`KERAS_BACKEND=tensorflow|jax|torch`, TensorFlow by default). TensorFlow keeps its graphs
+and its CPU fast path; `TENSORFLOW` below is the one place that decides.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
-import tensorflow as tf
 import keras
-from keras import layers
+from keras import layers, ops
 
+from facenet_nets import NORM_MEAN, NORM_SCALE
 from facenet_nets.weights import load_weights
+
+BACKEND = keras.backend.backend()
+TENSORFLOW = BACKEND == "tensorflow"
+if TENSORFLOW:
+    import tensorflow as tf
 
 
 def _conv(x, filters: int, size: int, name: str):
@@ -55,21 +65,22 @@ class PReLU(layers.Layer):
 
     @staticmethod
     def _scaled(x, per_channel):
-        """x * per_channel over the last axis; a 4-D map is viewed as (N*H, W*C) rows first,
-        which TF's CPU kernels broadcast faster than a trailing axis of C (~15% on P-Net)."""
-        if len(x.shape) != 4:
+        """x * per_channel over the last axis; on TensorFlow a 4-D map is viewed as (N*H, W*C)
+        rows first, which TF's CPU kernels broadcast faster than a trailing axis of C (~15% on
+        P-Net). The same products either way."""
+        if not TENSORFLOW or len(x.shape) != 4:
             return x * per_channel
         n, h, w = tf.shape(x)[0], tf.shape(x)[1], tf.shape(x)[2]
         rows = tf.reshape(x, [n * h, w * x.shape[-1]])
         return tf.ensure_shape(tf.reshape(rows * tf.tile(per_channel, [w]), tf.shape(x)), x.shape)
 
     def call(self, x):
-        x = tf.maximum(x, self._scaled(x, tf.minimum(self.alpha, 1.0)))
+        x = ops.maximum(x, self._scaled(x, ops.minimum(self.alpha, 1.0)))
         if self.pool is not None:
             size, padding = self.pool
-            x = tf.nn.max_pool2d(x, size, 2, padding.upper())
+            x = ops.max_pool(x, size, 2, padding)
         if self.above_one:
-            x = tf.minimum(x, self._scaled(x, tf.maximum(self.alpha, 1.0)))
+            x = ops.minimum(x, self._scaled(x, ops.maximum(self.alpha, 1.0)))
         return x
 
 
@@ -81,8 +92,8 @@ class FaceProbability(layers.Layer):
 
     def call(self, logits):
         l0, l1 = logits[..., 0], logits[..., 1]
-        m = tf.maximum(l0, l1)
-        e0, e1 = tf.exp(l0 - m), tf.exp(l1 - m)
+        m = ops.maximum(l0, l1)
+        e0, e1 = ops.exp(l0 - m), ops.exp(l1 - m)
         return e1 / (e0 + e1)
 
 
@@ -161,33 +172,79 @@ def build_onet(weights: dict) -> keras.Model:
     return _set(keras.Model(inp, [reg, landmarks, prob], name="onet"), weights)
 
 
+def compiled(fn: Callable, shape: tuple, dtype: str = "float32") -> Callable:
+    """`fn` of one tensor of `shape` (None: any size) and `dtype`, as this backend runs it best:
+    TensorFlow: one tf.function, traced once for every shape; JAX: jax.jit, over the batch
+    padded to a power of two (a compilation per input size and batch size); PyTorch: eager,
+    without autograd; other backends: as it is."""
+    if TENSORFLOW:
+        return tf.function(fn, input_signature=[tf.TensorSpec(shape, dtype)])
+    if BACKEND == "jax":
+        import jax
+        jitted = jax.jit(fn)
+
+        def batch_of_power_of_two(x):
+            """A compilation per input size and power of two, not per batch size."""
+            n = len(x)
+            padded = np.zeros((1 << (n - 1).bit_length(),) + x.shape[1:], x.dtype)
+            padded[:n] = x
+            return [np.asarray(o)[:n] for o in jitted(padded)]
+        batch_of_power_of_two.compilations = jitted._cache_size
+        return batch_of_power_of_two
+    if BACKEND == "torch":
+        import torch
+
+        def no_grad(x):
+            with torch.no_grad():
+                return fn(x)
+        return no_grad
+    return fn
+
+
+def traces(fn: Callable) -> int:
+    """How many times a `compiled` function was traced or compiled (0 where nothing is)."""
+    if TENSORFLOW:
+        return fn.experimental_get_tracing_count()
+    return fn.compilations() if hasattr(fn, "compilations") else 0
+
+
+def to_numpy(tensor) -> np.ndarray:
+    return ops.convert_to_numpy(tensor)
+
+
 @dataclass(frozen=True)
 class Nets:
-    """The three models, each behind one tf.function traced once for every input shape
-    (P-Net's spatial size and all batch sizes are dynamic in its signature)."""
+    """The three models, each behind one `compiled` function (on TensorFlow traced once for
+    every input shape: P-Net's spatial size and all batch sizes are dynamic in its signature),
+    and P-Net over uint8 pyramid levels, normalised on the device as facenet normalises them."""
     pnet_model: keras.Model
     rnet_model: keras.Model
     onet_model: keras.Model
-    pnet: tf.types.experimental.GenericFunction
-    rnet: tf.types.experimental.GenericFunction
-    onet: tf.types.experimental.GenericFunction
+    pnet: Callable
+    rnet: Callable
+    onet: Callable
+    pnet_levels: Callable
 
     def trace_counts(self) -> dict[str, int]:
-        return {name: getattr(self, name).experimental_get_tracing_count()
-                for name in ("pnet", "rnet", "onet")}
+        return {name: traces(getattr(self, name)) for name in ("pnet", "rnet", "onet")}
 
 
-def _traced(model: keras.Model, shape) -> tf.types.experimental.GenericFunction:
-    spec = tf.TensorSpec(shape, tf.float32)
-    return tf.function(lambda x: model(x, training=False), input_signature=[spec])
+def _traced(model: keras.Model, shape) -> Callable:
+    return compiled(lambda x: model(x, training=False), shape)
 
 
 def build_nets(weights_dir: str | os.PathLike | None = None) -> Nets:
-    """Load and verify det1..3.npy (see facenet_nets.weights) and build the three nets."""
+    """Load and verify det1..3.npy (see facenet_nets.weights) and build the three nets, on
+    the device of the enclosing `keras.device` scope (the backend's default otherwise)."""
     pnet = build_pnet(load_weights("det1.npy", weights_dir))
     rnet = build_rnet(load_weights("det2.npy", weights_dir))
     onet = build_onet(load_weights("det3.npy", weights_dir))
+
+    def pnet_levels(levels):
+        return pnet((ops.cast(levels, "float32") - NORM_MEAN) * NORM_SCALE, training=False)
+
     return Nets(pnet, rnet, onet,
                 _traced(pnet, (None, None, None, 3)),
                 _traced(rnet, (None, 24, 24, 3)),
-                _traced(onet, (None, 48, 48, 3)))
+                _traced(onet, (None, 48, 48, 3)),
+                compiled(pnet_levels, (None, None, None, 3), "uint8"))

@@ -21,6 +21,7 @@ from concurrent.futures.process import BrokenProcessPool
 from align.config import bounded_workers, usable_cores
 from align.dataset import Shard
 from align.engines import EngineRun, Interrupted, JobError
+from align.nets_server import NetsServer
 from align.worker import Progress, ShardDone, ShardJob, load_nets, run_shard
 
 START_WAIT_S = 300.0    # how long a ready worker waits for the others before it starts anyway
@@ -49,11 +50,11 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def _init_worker(parent: int, job: ShardJob, threads: int, events, start) -> None:
+def _init_worker(parent: int, job: ShardJob, threads: int, events, start, nets_server: str | None) -> None:
     global _job, _events
     _die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)    # the parent handles Ctrl-C
-    load_nets(threads, job.config.gpu_memory_fraction)
+    load_nets(threads, job.config.gpu_memory_fraction, nets_server)
     _job, _events = job, events
     events.put(("ready", 0, 0, 0))
     atexit.register(_exit_without_teardown)
@@ -126,11 +127,14 @@ class LocalEngine:
         threads = max(1, usable_cores() // workers)
         start, stop = ctx.Event(), threading.Event()
         ready: list[float] = []
+        with worker_malloc_env():           # --device: one process runs the nets of every worker
+            server = NetsServer(job.config.device, usable_cores()) if job.config.device else None
         pump = threading.Thread(target=_pump, args=(events, progress, ready, workers, start, stop),
                                 daemon=True)
         pump.start()
         pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                                   initargs=(os.getpid(), job, threads, events, start))
+                                   initargs=(os.getpid(), job, threads, events, start,
+                                             server and server.address))
         previous_term = signal.signal(signal.SIGTERM, signal.default_int_handler)
         try:
             with worker_malloc_env():       # submit starts the workers (spawn: one each, on demand)
@@ -154,6 +158,8 @@ class LocalEngine:
             start.set()                     # a worker that died starting must not hold the rest
             signal.signal(signal.SIGTERM, previous_term)
             pool.shutdown(wait=True, cancel_futures=True)
+            if server:
+                server.stop()
             stop.set()
             pump.join()
         return EngineRun(workers, max(ready), done_at)
