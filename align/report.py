@@ -309,12 +309,12 @@ def data_uri(jpeg: bytes) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(jpeg).decode("ascii")
 
 
-def thumbnail_picture(path: Path) -> bytes | None:
-    """A written thumbnail as shown beside its photo: a JPEG of at most THUMB_SIDE pixels a
-    side and THUMB_BYTES; None when it cannot be read."""
+def thumbnail_picture(data: bytes) -> bytes | None:
+    """A written thumbnail (its encoded bytes) as shown beside its photo: a JPEG of at most
+    THUMB_SIDE pixels a side and THUMB_BYTES; None when it cannot be read."""
     from PIL import Image
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(data)) as im:
             im = im.convert("RGB")
             im.thumbnail((THUMB_SIDE, THUMB_SIDE), Image.BILINEAR)
             return _jpeg(im, THUMB_BYTES)
@@ -353,10 +353,17 @@ def drawn_pictures(page: Path) -> dict[str, str]:
 
 
 def _make_pictures(records: list[dict], input_dir: Path, output_dir: Path,
-                   drawn: dict[str, str]) -> dict[str, dict]:
+                   drawn: dict[str, str], output_format: str = "folders",
+                   image_format: str = "png") -> dict[str, dict]:
     """{input path: {"key": picture key, "photo": data URI or None (the photo cannot be read
     now), "thumbs": [(written entry, data URI or None)]}} for the records shown; `drawn`:
-    pictures to reuse, by key."""
+    pictures to reuse, by key. The thumbnails are read as the run's output format stores them
+    (align.writers)."""
+    from align.config import Config
+    from align.writers import make_writer
+    writer = make_writer(Config(format=image_format, output_format=output_format, workers=1), output_dir)
+    stored = writer.thumbnails([w["output"] for r in records
+                                for w in (r.get("written") or [])[:THUMBS_PER_CARD]])
 
     def one(record: dict) -> dict:
         key = picture_key(record)
@@ -368,7 +375,8 @@ def _make_pictures(records: list[dict], input_dir: Path, output_dir: Path,
                 photo = None
         thumbs = []
         for w in (record.get("written") or [])[:THUMBS_PER_CARD]:
-            jpeg = thumbnail_picture(output_dir / w["output"])
+            data = stored.get(w["output"])
+            jpeg = thumbnail_picture(data) if data is not None else None
             thumbs.append((w, data_uri(jpeg) if jpeg else None))
         return {"key": key, "photo": photo, "thumbs": thumbs}
 
@@ -587,7 +595,8 @@ def _write_report(output_dir: Path, min_aligned: int) -> Path:
 
     sample, ambiguous, no_face = tally.sample.items(), tally.ambiguous.items(), tally.no_face.items()
     no_face.sort(key=lambda r: r["input"])
-    pictures = _make_pictures(sample + ambiguous + no_face, input_dir, output_dir, drawn)
+    pictures = _make_pictures(sample + ambiguous + no_face, input_dir, output_dir, drawn,
+                              options.get("output_format", "folders"), options.get("format", "png"))
 
     few = sorted(((n, a, i) for i, (n, a) in tally.identities.items() if a < min_aligned),
                  key=lambda x: (x[1], -x[0], x[2]))
