@@ -185,6 +185,9 @@ def _print_summary(s: dict, report_written: bool) -> None:
     click.echo(f"{s['images']} images: {s['aligned']} aligned, {s['no_face']} no face, "
                f"{s['unreadable']} unreadable, {s['skipped']} skipped{costly}{errors}; {s['faces_written']} "
                f"faces written in {s['wall_s']:.1f} s ({rate}). Records: {s['output_dir']}/faces.jsonl")
+    if s.get("packed"):
+        click.echo(f"Training files: {os.path.join(s['output_dir'], s['packed'])} ({s['num_classes']} "
+                   f"classes, {s['faces_written']} faces)")
     report = os.path.join(s["output_dir"], "report.html")
     if report_written and os.path.isfile(report):
         click.echo(f"Report: {report} (open it in a browser)")

@@ -20,6 +20,7 @@ OUTPUT_DIR/.align_dataset/ (StateDir):
   parts/<shard>-*.part  rec and webdataset: the thumbnails of a shard's run, fsync'ed before
                         the journal lines that record them; assembled into the packed files
                         at the end (align/writers.py)
+  previous/             the packed files that the end of the run replaces, set aside
 A run's records are faces.jsonl (the last finished run's) with the journals over it
 (RecordIndex); at its end they are merged into the top-level files (each written atomically),
 then the state folder is removed ("folded away"). A run killed at any moment leaves a state
@@ -49,7 +50,7 @@ import numpy as np
 
 from align.dataset import Shard, Task
 from align.durable import atomic_file, write_atomic
-from align.writers import PARTS, sample_key
+from align.writers import PARTS, PREVIOUS, sample_key
 
 STATE = ".align_dataset"
 RECORDS, BOXES, SUMMARY = "faces.jsonl", "bounding_boxes.txt", "summary.json"
@@ -253,7 +254,8 @@ class StateDir:
     def reset(self) -> None:
         for path in self.journals.glob("*.jsonl"):
             path.unlink()
-        shutil.rmtree(self.root / PARTS, ignore_errors=True)
+        for folder in (PARTS, PREVIOUS):
+            shutil.rmtree(self.root / folder, ignore_errors=True)
         self.legacy_marker.unlink(missing_ok=True)
 
     @property

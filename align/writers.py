@@ -24,8 +24,11 @@ killed at any moment, and the bytes depend on none of it:
             ImageFolder and im2rec number them): its bytes are found by the 64-bit hash of its
             key (key_hash) in the parts or in the packed files already in OUTPUT_DIR (the last
             finished run's, which name their samples: tar member names, and each rec record's
-            id2), copied through temporaries (one sample in memory at a time), and renamed into
-            place once all are written; stale shards are removed. The state folder is folded
+            id2), copied through temporaries (one sample in memory at a time); once all are
+            written, the packed files in place are moved into .align_dataset/previous/ (under
+            names of their own: a rerun reads them there), the new ones renamed into place. A
+            kill at any moment leaves every face in some file a rerun's assembly reads, which
+            writes the same bytes again. The state folder is folded
             away after, so a finished run keeps no parts, and photos added later rebuild the
             files from the old ones and the new parts: the same bytes as one run. (It needs
             the packed files' size again in free space while it runs.)
@@ -37,6 +40,7 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import struct
 import tarfile
 import tempfile
@@ -49,6 +53,7 @@ import numpy as np
 from align.durable import TEMP_PREFIX, TEMP_SUFFIX, fsync_dir, write_atomic
 
 PARTS = "parts"                                 # in the state folder
+PREVIOUS = "previous"                           # ... and the packed files the assembly replaces
 REC, IDX, PROPERTY = "train.rec", "train.idx", "property"
 TAR_NAME = "faces-{:06d}.tar"
 TAR_GLOB = re.compile(r"faces-(\d{6})\.tar")
@@ -147,13 +152,12 @@ def scan_rec(path: Path) -> Iterator[tuple[int, int, int]]:
             span = 8 + length + (-length % 4)
             if word >> 29 == 0 and length >= IR_HEADER.size:
                 id2 = struct.unpack_from("<q", head, 8 + 16)[0]
-            else:                       # cut at a magic word: read it whole
-                f.seek(pos)
-                rest = f.read(min(size - pos, 1 << 30))
-                try:
-                    payload, span = rec_unframe(rest)
-                except (ValueError, struct.error):
+            else:                       # cut at a magic word: find its last piece, read it whole
+                span = _rec_span(f, pos, size)
+                if span is None:
                     return
+                f.seek(pos)
+                payload = rec_unframe(f.read(span))[0]
                 if len(payload) < IR_HEADER.size:
                     return
                 id2 = struct.unpack_from("<q", payload, 16)[0]
@@ -161,6 +165,22 @@ def scan_rec(path: Path) -> Iterator[tuple[int, int, int]]:
                 return
             yield id2, pos, span
             pos += span
+
+
+def _rec_span(f, pos: int, size: int) -> int | None:
+    """Bytes of the record at `pos` of the open train.rec `f`, its pieces followed to the last;
+    None where the file ends first or holds something else."""
+    start = pos
+    while pos + 8 <= size:
+        f.seek(pos)
+        magic, word = struct.unpack("<II", f.read(8))
+        if magic != REC_MAGIC:
+            return None
+        length = word & _LENGTH
+        pos += 8 + length + (-length % 4)
+        if word >> 29 in (0, 3):
+            return pos - start if pos <= size else None
+    return None
 
 
 # --- tar -------------------------------------------------------------------------------------------
@@ -359,18 +379,21 @@ class Writer:
         return True
 
     def sources(self, state_root: Path | None) -> Sources:
-        """Every place a face's bytes are: the parts of `state_root` (None: none), then the
-        packed files in OUTPUT_DIR."""
+        """Every place a face's bytes are: the parts and the packed files set aside in
+        `state_root` (None: none), then the packed files in OUTPUT_DIR."""
         sources = Sources()
         if state_root is not None:
             for path in sorted((state_root / PARTS).glob("*.part")):
                 sources.add(path, scan_part(path))
-        self._add_packed(sources)
+            for path in sorted((state_root / PREVIOUS).glob("*")):
+                self._add_packed(sources, path)
+        for path in self.files():
+            self._add_packed(sources, path)
         sources.freeze()
         return sources
 
-    def _add_packed(self, sources: Sources) -> None:
-        pass
+    def _add_packed(self, sources: Sources, path: Path) -> None:
+        """The faces of packed file `path` (one of files(), or one set aside), if it holds any."""
 
     def thumbnails(self, outputs: list[str]) -> dict[str, bytes]:
         """{output: its encoded thumbnail} for the outputs found (the report's)."""
@@ -420,12 +443,15 @@ class _PackedWriter(Writer):
             raise
         finally:
             sources.close()
+        # the packed files in place now go to the state folder first, under names of their
+        # own: whatever a kill interrupts, every face is still in some file a rerun reads
+        aside = state_root / PREVIOUS
+        aside.mkdir(parents=True, exist_ok=True)
+        for path in self.files():
+            os.rename(path, aside / f"{secrets.token_hex(8)}-{path.name}")
+        fsync_dir(aside)
         for tmp, final in temps:
             os.replace(tmp, final)
-        finals = {final for _, final in temps}
-        for stale in self.files():
-            if stale not in finals:
-                stale.unlink()
         fsync_dir(self.output_dir)
 
     def _temporary(self, final: Path, temps: list) -> "_TempFile":
@@ -472,9 +498,9 @@ class RecWriter(_PackedWriter):
     def complete(self) -> bool:
         return len(self.files()) == 3
 
-    def _add_packed(self, sources: Sources) -> None:
-        if (self.output_dir / REC).is_file():
-            sources.add(self.output_dir / REC, scan_rec(self.output_dir / REC), rec=True)
+    def _add_packed(self, sources: Sources, path: Path) -> None:
+        if path.name.endswith(REC):
+            sources.add(path, scan_rec(path), rec=True)
 
     def _write(self, faces, labels, sources: Sources, temps: list) -> None:
         rec = self._temporary(self.output_dir / REC, temps)
@@ -508,8 +534,8 @@ class WebDatasetWriter(_PackedWriter):
         shards = tar_shards(self.output_dir)
         return [p.name for p in shards] == [TAR_NAME.format(i) for i in range(len(shards))]
 
-    def _add_packed(self, sources: Sources) -> None:
-        for path in tar_shards(self.output_dir):
+    def _add_packed(self, sources: Sources, path: Path) -> None:
+        if path.name.endswith(".tar"):
             sources.add(path, scan_tar(path, self.extension))
 
     def _write(self, faces, labels, sources: Sources, temps: list) -> None:

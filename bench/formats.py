@@ -54,7 +54,7 @@ def env() -> dict:
     return dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="2")
 
 
-CALL = re.compile(r"^(?:\[pid\s+\d+\] )?(\w+)\((.*)\)\s+= (-?\d+)")
+CALL = re.compile(r"^(?:\[pid\s+\d+\] |\d+\s+)?(\w+)\((.*)\)\s+= (-?\d+)")
 
 
 def traced(cmd: list[str], out: Path, log: Path) -> tuple[float, dict[str, int]]:

@@ -15,8 +15,8 @@ import pytest
 
 import loaders
 from conftest import SHARED
-from test_cli import (describe, kill_after_a_journal_line, n_inputs, ok, one_error_line, read_jsonl,
-                      run_align, snapshot, start_align)
+from test_cli import (align_cmd, cli_env, describe, kill_after_a_journal_line, n_inputs, ok,
+                      one_error_line, read_jsonl, run_align, snapshot, start_align)
 
 LFW = SHARED / "faces" / "lfw_gwb" / "George_W_Bush"
 ARGS = ("--image_size", 256, "--tar_shard_mb", 1, "--quiet")     # 1 MB: 2 or 3 shards
@@ -164,11 +164,15 @@ def test_a_rerun_with_another_format_is_refused(photos, runs, tmp_path):
     assert snapshot(out, ["output_dir"]) == snapshot(runs["webdataset"], ["output_dir"])
 
 
-@pytest.mark.parametrize("fmt, engines", [("rec", ("local", "dask", "local")),
-                                          ("webdataset", ("dask", "local", "dask"))])
-def test_killed_resumed_then_photos_added_gives_one_runs_bytes(photos, runs, fmt, engines, tmp_path):
+# the renames of the run that adds photos: options.json, faces.jsonl, bounding_boxes.txt, the
+# old packed files set aside (rec: 3, webdataset: 2 shards), then the new ones into place: the
+# kill comes as the second new file would be renamed (train.idx, faces-000001.tar)
+@pytest.mark.parametrize("fmt, engines, kill_at", [("rec", ("local", "dask", "local"), 8),
+                                                   ("webdataset", ("dask", "local", "dask"), 7)])
+def test_killed_resumed_then_photos_added_gives_one_runs_bytes(photos, runs, fmt, engines, kill_at, tmp_path):
     """kill -9 half-way under one engine, resume under the other; then photos added to the
-    finished folder: the files equal one uninterrupted run's on all the photos."""
+    finished folder, and the run that adds them killed as it renames the new packed files into
+    place, and rerun: the files equal one uninterrupted run's on all the photos."""
     pytest.importorskip("distributed", reason="the dask extra is not installed")
     full, first = photos[0], tmp_path / "in"
     shutil.copytree(photos[1], first)
@@ -183,10 +187,30 @@ def test_killed_resumed_then_photos_added_gives_one_runs_bytes(photos, runs, fmt
         (first / identity).mkdir(exist_ok=True)
         for name in names:
             shutil.copyfile(full / identity / name, first / identity / name)
+    killed = killed_at_a_rename(kill_at, first, out, *args, "--engine", engines[2])
+    if killed:
+        assert (out / ".align_dataset").is_dir()
+        first_file = "train.rec" if fmt == "rec" else "faces-000000.tar"
+        assert (out / first_file).read_bytes() == (runs[fmt] / first_file).read_bytes()
     ok(run_align(first, out, *args, "--engine", engines[2]))
-    assert json.loads((out / "summary.json").read_text())["processed_this_run"] == 3
+    assert json.loads((out / "summary.json").read_text())["processed_this_run"] == (0 if killed else 3)
     ignore = ["processed_this_run", "engine", "input_dir", "output_dir"]
     assert snapshot(out, ignore) == snapshot(runs[fmt], ignore)
+
+
+def killed_at_a_rename(when: int, *args) -> bool:
+    """The command under strace, killed (SIGKILL, injected) as it makes its `when`th rename;
+    False where strace is absent or may not trace (a container without ptrace)."""
+    if not shutil.which("strace"):
+        return False
+    calls = "rename,renameat,renameat2"
+    p = subprocess.run(["strace", "-qq", "-o", os.devnull, "-e", f"trace={calls}", "-e",
+                        f"inject={calls}:signal=KILL:when={when}", *align_cmd(*args)],
+                       env=cli_env(), capture_output=True, text=True, timeout=300)
+    if p.returncode == 1 and "ptrace" in p.stderr:
+        return False
+    assert p.returncode in (-9, 137), describe(p)
+    return True
 
 
 def mxnet_frames(payloads: list[bytes]) -> bytes:
@@ -210,3 +234,21 @@ def test_rec_frames_are_mxnets_even_where_the_magic_word_is_in_the_data():
     assert b"".join(map(rec_frame, payloads)) == mxnet_frames(payloads)
     for p in payloads:
         assert rec_unframe(rec_frame(p) + b"junk") == (p, len(rec_frame(p)))
+
+
+def test_a_train_rec_with_records_cut_at_magic_words_is_a_source(tmp_path):
+    """The assembly finds the bytes of each face of a previous train.rec by its id2, records
+    cut at magic words included."""
+    from align.writers import Sources, rec_frame, rec_payload, scan_rec
+    magic = struct.pack("<I", 0xCED7230A)
+    images = [b"x" * 10, magic * 3 + b"yy", b"abcd" + magic + b"z" * 7, b"q"]
+    with open(tmp_path / "train.rec", "wb") as f:
+        for i, image in enumerate(images):
+            f.write(rec_frame(rec_payload(0, i, f"k{i}", image)))
+    sources = Sources()
+    sources.add(tmp_path / "train.rec", scan_rec(tmp_path / "train.rec"), rec=True)
+    sources.freeze()
+    try:
+        assert [sources.read(f"k{i}") for i in range(4)] == images and sources.read("k4") is None
+    finally:
+        sources.close()
