@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 REPO = Path(__file__).resolve().parent.parent
 FORMATS = ("folders", "rec", "webdataset")
@@ -54,7 +55,24 @@ def env() -> dict:
     return dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="2")
 
 
-CALL = re.compile(r"^(?:\[pid\s+\d+\] |\d+\s+)?(\w+)\((.*)\)\s+= (-?\d+)")
+CALL = re.compile(r"^(\w+)\((.*)\)\s+= (-?\d+)")
+PID = re.compile(r"^(?:\[pid\s+(\d+)\] |(\d+)\s+)?(.*)$")
+RESUMED = re.compile(r"^<\.\.\. \w+ resumed>")
+
+
+def calls(log: Path) -> Iterator[str]:
+    """strace's lines, a call cut by another thread's (`<unfinished ...>`, then `<... resumed>`)
+    joined again, less the pid."""
+    pending: dict[str, str] = {}
+    for line in log.read_text(errors="replace").splitlines():
+        m = PID.match(line)
+        pid, text = m.group(1) or m.group(2) or "", m.group(3)
+        if text.endswith("<unfinished ...>"):
+            pending[pid] = text[:-len("<unfinished ...>")].rstrip()
+        elif RESUMED.match(text):
+            yield pending.pop(pid, "") + RESUMED.sub("", text)
+        else:
+            yield text
 
 
 def traced(cmd: list[str], out: Path, log: Path) -> tuple[float, dict[str, int]]:
@@ -65,7 +83,7 @@ def traced(cmd: list[str], out: Path, log: Path) -> tuple[float, dict[str, int]]
     seconds = time.perf_counter() - t0
     counts = {"created": 0, "appended": 0, "fsync": 0, "rename": 0, "mkdir": 0}
     where = str(out.resolve())
-    for line in log.read_text(errors="replace").splitlines():
+    for line in calls(log):
         m = CALL.match(line)
         if not m or int(m.group(3)) < 0 or where not in m.group(2):
             continue
