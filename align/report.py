@@ -40,7 +40,7 @@ import numpy as np
 
 from align.crop import choice_values
 from align.durable import write_atomic
-from align.records import RECORDS, STATUSES, SUMMARY
+from align.records import RECORDS, STATUSES, SUMMARY, gc_paused
 
 REPORT = "report.html"
 SAMPLE, AMBIGUOUS, NO_FACE = 24, 24, 48     # pictures per section, at most
@@ -590,8 +590,9 @@ def _write_report(output_dir: Path, min_aligned: int) -> Path:
     input_dir = Path(summary["input_dir"])
     multiple = bool(options.get("detect_multiple_faces"))
     tally = Tally(multiple)
-    for record in read_records(output_dir / RECORDS):
-        tally.add(record)
+    with gc_paused():
+        for record in read_records(output_dir / RECORDS):
+            tally.add(record)
 
     sample, ambiguous, no_face = tally.sample.items(), tally.ambiguous.items(), tally.no_face.items()
     no_face.sort(key=lambda r: r["input"])
