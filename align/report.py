@@ -15,8 +15,9 @@ Pictures: at most SAMPLE + AMBIGUOUS + NO_FACE (24 + 24 + 48 = 96) JPEGs of at m
 each at most THUMBS_PER_CARD of its thumbnails, as JPEGs of at most THUMB_SIDE pixels and
 THUMB_BYTES: MAX_PICTURE_BYTES in all (under 7 MB as base64), however many photos the job has.
 A photo's picture is drawn again only when what it shows changes (its key, a hash of the
-record's boxes, is kept beside it in the page): a rerun reuses the previous report's, and reads
-no input photo whose record is unchanged.
+record's boxes, is kept beside it in the page; its thumbnails' keys add their index): a rerun
+reuses the previous report's, and reads no input photo or thumbnail (no packed file, in the
+rec and webdataset formats) whose record is unchanged.
 """
 from __future__ import annotations
 
@@ -341,11 +342,18 @@ def picture_key(record: dict) -> str:
     return hashlib.blake2b(key.encode(), digest_size=10).hexdigest()
 
 
-_DRAWN = re.compile(r'<img class="photo" data-key="([0-9a-f]+)" src="(data:image/jpeg;base64,[^"]+)"')
+_DRAWN = re.compile(r'<img class="(?:photo|thumb)" data-key="([0-9a-f]+(?:-\d+)?)" src="(data:image/jpeg;base64,[^"]+)"')
+
+
+def thumb_key(record: dict, n: int) -> str:
+    """The key of the picture of a record's n-th written face (its picture key, and n): the
+    same record has the same thumbnails, in any output format."""
+    return f"{picture_key(record)}-{n}"
 
 
 def drawn_pictures(page: Path) -> dict[str, str]:
-    """{picture key: data URI} of the photos a report shows (none where there is no report)."""
+    """{picture key or thumb_key: data URI} of the photos and thumbnails a report shows (none
+    where there is no report)."""
     try:
         return dict(_DRAWN.findall(page.read_text("utf-8", "replace")))
     except OSError:
@@ -357,13 +365,17 @@ def _make_pictures(records: list[dict], input_dir: Path, output_dir: Path,
                    image_format: str = "png") -> dict[str, dict]:
     """{input path: {"key": picture key, "photo": data URI or None (the photo cannot be read
     now), "thumbs": [(written entry, data URI or None)]}} for the records shown; `drawn`:
-    pictures to reuse, by key. The thumbnails are read as the run's output format stores them
-    (align.writers)."""
+    pictures and thumbnails to reuse, by key. The thumbnails not among them are read as the
+    run's output format stores them (align.writers: in rec or webdataset, a scan of the packed
+    files, which a rerun that changed no record so never makes)."""
     from align.config import Config
     from align.writers import make_writer
-    writer = make_writer(Config(format=image_format, output_format=output_format, workers=1), output_dir)
-    stored = writer.thumbnails([w["output"] for r in records
-                                for w in (r.get("written") or [])[:THUMBS_PER_CARD]])
+    missing = [w["output"] for r in records for n, w in enumerate((r.get("written") or [])[:THUMBS_PER_CARD])
+               if thumb_key(r, n) not in drawn]
+    stored = {}
+    if missing:
+        writer = make_writer(Config(format=image_format, output_format=output_format, workers=1), output_dir)
+        stored = writer.thumbnails(missing)
 
     def one(record: dict) -> dict:
         key = picture_key(record)
@@ -374,10 +386,13 @@ def _make_pictures(records: list[dict], input_dir: Path, output_dir: Path,
             except Exception:           # moved, changed or deleted since it was aligned
                 photo = None
         thumbs = []
-        for w in (record.get("written") or [])[:THUMBS_PER_CARD]:
-            data = stored.get(w["output"])
-            jpeg = thumbnail_picture(data) if data is not None else None
-            thumbs.append((w, data_uri(jpeg) if jpeg else None))
+        for n, w in enumerate((record.get("written") or [])[:THUMBS_PER_CARD]):
+            uri = drawn.get(thumb_key(record, n))
+            if uri is None:
+                data = stored.get(w["output"])
+                jpeg = thumbnail_picture(data) if data is not None else None
+                uri = data_uri(jpeg) if jpeg else None
+            thumbs.append((w, uri))
         return {"key": key, "photo": photo, "thumbs": thumbs}
 
     unique = list({r["input"]: r for r in records}.values())    # a photo may be in two sections
@@ -545,10 +560,10 @@ def _card(record: dict, pictures: dict, note: str = "") -> str:
            f'alt="{_esc(record["input"])}">'
            if pictures["photo"] else '<div class="missing">input photo not readable now</div>')
     thumbs = []
-    for w, uri in pictures["thumbs"]:
+    for n, (w, uri) in enumerate(pictures["thumbs"]):
         out = w.get("output")
         if uri:
-            thumbs.append(f'<img class="thumb" src="{uri}" alt="{_esc(out)}" '
+            thumbs.append(f'<img class="thumb" data-key="{pictures["key"]}-{n}" src="{uri}" alt="{_esc(out)}" '
                           f'title="face {w.get("face")}: {_esc(out)}">')
         else:
             thumbs.append(f'<div class="missing">{_esc(out)} missing</div>')

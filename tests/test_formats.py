@@ -161,6 +161,19 @@ def test_the_report_shows_the_packed_thumbnails(runs):
         assert pages[fmt].count('class="thumb"') == pages["folders"].count('class="thumb"') > 0
 
 
+def test_a_rebuilt_report_reuses_its_thumbnails_without_reading_the_packed_files(runs, tmp_path):
+    """A rerun that changed no record rebuilds the report from the previous one's pictures:
+    no scan of millions of packed samples for a few hundred thumbnails."""
+    from align.report import write_report
+    out = tmp_path / "out"
+    shutil.copytree(runs["webdataset"], out)
+    for shard in out.glob("*.tar"):
+        shard.rename(tmp_path / shard.name)
+    page = write_report(out).read_text()
+    assert "missing</div>" not in page
+    assert page.count('class="thumb"') == (runs["webdataset"] / "report.html").read_text().count('class="thumb"')
+
+
 def test_a_rerun_with_another_format_is_refused(photos, runs, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(runs["rec"], out)
