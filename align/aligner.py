@@ -19,7 +19,7 @@ from align.detect import Detector, Faces, TooCostly, cost_refusal
 from align.imageio import NotAnImage, UnreadableImage, decode_image, encode_image
 from align.records import Journal, is_transient, needs_work
 from align.warp import face_transform, footprint, warp
-from align.durable import fsync_dir, write_atomic
+from align.writers import make_writer
 
 BATCH = 16                      # images per detect_batch call, at most
 MAX_BATCH_PIXELS = 20_000_000   # decoded pixels per batch: a batch lives in up to 3 stages
@@ -81,6 +81,7 @@ class Aligner:
         self.input_dir = Path(input_dir)
         self.output_dir = Path(output_dir)
         self.detector = detector or Detector()
+        self.writer = make_writer(config, self.output_dir)
 
     def output_name(self, task: Task, face: int | None = None) -> str:
         suffix = "" if face is None else f"_{face}"
@@ -103,7 +104,8 @@ class Aligner:
             journal.append(skipped)
             done.update((r["input"], r) for r in skipped)
             todo = [t for t in todo if t.rel not in done]
-        with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
+        with self.writer.shard(shard.key) as sink, ThreadPoolExecutor(1) as reader, \
+                ThreadPoolExecutor(1) as writer:
             pending = reader.submit(self._read_batch, todo, 0) if todo else None
             writes = []
             while pending:
@@ -112,7 +114,7 @@ class Aligner:
                 detected = self._detect(batch)
                 if cancelled and cancelled():
                     raise ShardCancelled(shard.key)
-                writes.append(writer.submit(self._write, detected, journal, progress))
+                writes.append(writer.submit(self._write, detected, sink, journal, progress))
             records = [r for w in writes for r in w.result()]
         done.update((r["input"], r) for r in records)
         return [done[t.rel] for t in shard.tasks]
@@ -158,30 +160,28 @@ class Aligner:
                 image: np.ndarray | None) -> dict:
         return image_record(task, self.config, status, reason, image)
 
-    def _write(self, results, journal: Journal, progress: Progress | None) -> list[dict]:
-        """Thumbnails of one batch, renamed into place and made durable, then its records
-        journaled. A failure on one image (a name too long for the file system, a full
+    def _write(self, results, sink, journal: Journal, progress: Progress | None) -> list[dict]:
+        """Thumbnails of one batch handed to the writer's `sink` and made durable, then its
+        records journaled. A failure on one image (a name too long for the file system, a full
         disk) becomes that image's "error" record, which the next run retries."""
-        records, folders = [], set()
+        records = []
         for task, image, status, reason, faces in results:
             if image is None:
                 records.append(self._record(task, status, reason, None))
                 continue
             try:
-                record = self._aligned(task, image, faces)
+                record = self._aligned(task, image, faces, sink)
             except Exception as e:
                 record = self._record(task, "error", _describe(e), image)
-            folders.update((self.output_dir / w["output"]).parent for w in record["written"])
             records.append(record)
-        for folder in folders:
-            fsync_dir(folder)
+        sink.commit()
         journal.append(records)
         if progress:
             failed = sum(r["status"] in ("unreadable", "too_costly", "error") for r in records)
             progress(len(records), sum(len(r["written"]) for r in records), failed)
         return records
 
-    def _aligned(self, task: Task, image: np.ndarray, faces: Faces) -> dict:
+    def _aligned(self, task: Task, image: np.ndarray, faces: Faces, sink) -> dict:
         record = self._record(task, "aligned" if len(faces) else "no_face", None, image)
         record["faces"] = [_face_record(faces, i) for i in range(len(faces))]
         multiple = self.config.detect_multiple_faces
@@ -194,7 +194,7 @@ class Aligner:
             if thumb is None:
                 continue
             name = self.output_name(task, n if multiple else None)
-            write_atomic(self.output_dir / name, encode_image(thumb, self.config.format))
+            sink.add(name, encode_image(thumb, self.config.format))
             record["written"].append({"face": i, **fields, "output": name})
         if len(faces) and not record["written"]:
             reason = "every face's crop is empty" if self.config.align == "box" else \

@@ -13,7 +13,7 @@ import sys
 import click
 from click.core import ParameterSource
 
-from align.config import ALIGN_DEFAULTS, ALIGNS, Config, ENGINES, FORMATS
+from align.config import ALIGN_DEFAULTS, ALIGNS, Config, ENGINES, FORMATS, MAX_TAR_SHARD_MB, OUTPUT_FORMATS
 
 DEFAULTS = Config()
 BOOL_WORDS = {"true", "false", "1", "0", "yes", "no"}
@@ -129,6 +129,12 @@ def _opt(*names, **kw):
 @_opt("--factor", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=DEFAULTS.factor,
       help="Scale step of the image pyramid.")
 @_opt("--format", "fmt", type=click.Choice(FORMATS), default=DEFAULTS.format, help="Thumbnail format.")
+@_opt("--output_format", type=click.Choice(OUTPUT_FORMATS), default=DEFAULTS.output_format,
+      help="folders: OUTPUT_DIR/<identity>/<stem>.png. rec: train.rec + train.idx, as "
+           "arcface_torch reads them (config.rec = OUTPUT_DIR), and property. webdataset: tar "
+           "shards faces-000000.tar, ... of <key>.png, <key>.cls, <key>.json.")
+@_opt("--tar_shard_mb", type=click.IntRange(1, MAX_TAR_SHARD_MB), default=DEFAULTS.tar_shard_mb,
+      help="--output_format webdataset: the size a tar shard stays under, MB.")
 @_opt("--overwrite", is_flag=True, default=False, help="Start over instead of resuming.")
 @_opt("--quiet", "-q", is_flag=True, default=False, help="Print nothing but errors.")
 @click.option("--report/--no-report", default=DEFAULTS.report, show_default=True,
@@ -183,6 +189,9 @@ def _print_summary(s: dict, report_written: bool) -> None:
     click.echo(f"{s['images']} images: {s['aligned']} aligned, {s['no_face']} no face, "
                f"{s['unreadable']} unreadable, {s['skipped']} skipped{costly}{errors}; {s['faces_written']} "
                f"faces written in {s['wall_s']:.1f} s ({rate}). Records: {s['output_dir']}/faces.jsonl")
+    if s.get("packed"):
+        click.echo(f"Training files: {os.path.join(s['output_dir'], s['packed'])} ({s['num_classes']} "
+                   f"classes, {s['faces_written']} faces)")
     report = os.path.join(s["output_dir"], "report.html")
     if report_written and os.path.isfile(report):
         click.echo(f"Report: {report} (open it in a browser)")

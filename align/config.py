@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 FORMATS = ("png", "jpg")
 ENGINES = ("local", "dask")
 ALIGNS = ("box", "arcface")
+OUTPUT_FORMATS = ("folders", "rec", "webdataset")   # align/writers.py
 # what image_size and margin are, per align mode, when they are not given
 ALIGN_DEFAULTS = {"box": (182, 44), "arcface": (112, None)}
 
@@ -40,6 +41,7 @@ class DetectParams:
 
 
 WORKER_MEMORY_BYTES = 1_500_000_000     # resident peak of one worker on multi-megapixel photos
+MAX_TAR_SHARD_MB = 100_000     # 100 GB: a shard is one file
 MAX_IMAGE_SIZE = 4096   # thumbnail side, pixels: 50 MB a thumbnail (30000 would be 2.7 GB)
 
 
@@ -103,7 +105,10 @@ class Config:
     report: write OUTPUT_DIR/report.html at the end (align.report);
     device: None (every worker runs the nets itself), or "cpu", "gpu", "gpu:N": one process
     holds the nets on that device and runs them for every worker, batched over their photos
-    (align/nets_server.py; the local engine only)."""
+    (align/nets_server.py; the local engine only); output_format: "folders" (a thumbnail file
+    per face), "rec" (train.rec and train.idx, MXNet's indexed RecordIO, as arcface_torch
+    reads it) or "webdataset" (tar shards), see align/writers.py; tar_shard_mb: webdataset
+    only, the size a tar shard stays under, MB (10^6 bytes; one sample at least)."""
     image_size: int | None = None
     margin: int | None = None
     detect_multiple_faces: bool = False
@@ -121,6 +126,8 @@ class Config:
     report: bool = True
     align: str = "box"
     device: str | None = None
+    output_format: str = "folders"
+    tar_shard_mb: int = 256
 
     def __post_init__(self):
         if self.align not in ALIGNS:
@@ -143,6 +150,10 @@ class Config:
             raise ValueError(f"gpu_memory_fraction must be in (0, 1], not {self.gpu_memory_fraction}")
         if self.format not in FORMATS:
             raise ValueError(f"format must be one of {FORMATS}, not {self.format!r}")
+        if self.output_format not in OUTPUT_FORMATS:
+            raise ValueError(f"output_format must be one of {OUTPUT_FORMATS}, not {self.output_format!r}")
+        if not 1 <= self.tar_shard_mb <= MAX_TAR_SHARD_MB:
+            raise ValueError(f"tar_shard_mb must be in 1..{MAX_TAR_SHARD_MB}, not {self.tar_shard_mb}")
         if self.engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, not {self.engine!r}")
         if self.device is not None and not re.fullmatch(r"(cpu|gpu)(:\d+)?", self.device):

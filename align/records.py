@@ -5,7 +5,9 @@ identity folders of thumbnails:
   faces.jsonl           one record per input file, in input order
   bounding_boxes.txt    facenet's format: "<output path> x1 y1 x2 y2" (a written face's
                         crop_box), or "<output path>" alone (an image without a face); no
-                        output path holds a line break (align/dataset.py's safe names)
+                        output path holds a line break (align/dataset.py's safe names); with
+                        a packed output format (rec, webdataset), the sample's key instead
+                        of the path (align.writers.sample_key)
   summary.json          counts and timings, and what a rerun must know: "options" (those that
                         shape the output; a rerun with others is refused) and "legacy_outputs"
 A run in progress (or one killed, or stopped by an error) also has its state folder,
@@ -15,13 +17,18 @@ OUTPUT_DIR/.align_dataset/ (StateDir):
   legacy_outputs        present when the folder held thumbnails we had not written (facenet's)
   journal/<shard>.jsonl one record per finished image, appended only after its thumbnails are
                         renamed into place (fsync'ed); a torn last line is dropped on reading
+  parts/<shard>-*.part  rec and webdataset: the thumbnails of a shard's run, fsync'ed before
+                        the journal lines that record them; assembled into the packed files
+                        at the end (align/writers.py)
+  previous/             the packed files that the end of the run replaces, set aside
 A run's records are faces.jsonl (the last finished run's) with the journals over it
 (RecordIndex); at its end they are merged into the top-level files (each written atomically),
 then the state folder is removed ("folded away"). A run killed at any moment leaves a state
 any run resumes: before the fold, the journals are still there; during it, what is left of
 them repeats what faces.jsonl already holds.
 
-Each written face's record: "face" (its index in "faces"), "output", and "crop_box": the part of
+Each written face's record: "face" (its index in "faces"), "output" (its name in the folders
+layout, whatever the output format: the records are the same in every format), and "crop_box": the part of
 the input the thumbnail shows, integer pixel edges (left, top, right, bottom) clipped to the
 image: with --align box facenet's margin box, the very pixels cropped; with --align arcface the
 smallest box of whole input pixels that holds the (rotated) square the thumbnail was warped
@@ -45,6 +52,7 @@ import numpy as np
 
 from align.dataset import Shard, Task
 from align.durable import atomic_file, write_atomic
+from align.writers import PARTS, PREVIOUS, sample_key
 
 STATE = ".align_dataset"
 RECORDS, BOXES, SUMMARY = "faces.jsonl", "bounding_boxes.txt", "summary.json"
@@ -262,6 +270,8 @@ class StateDir:
     def reset(self) -> None:
         for path in self.journals.glob("*.jsonl"):
             path.unlink()
+        for folder in (PARTS, PREVIOUS):
+            shutil.rmtree(self.root / folder, ignore_errors=True)
         self.legacy_marker.unlink(missing_ok=True)
 
     @property
@@ -281,14 +291,17 @@ def finished_summary(output_dir: Path) -> dict | None:
     return summary if isinstance(summary, dict) and isinstance(summary.get("options"), dict) else None
 
 
-def bounding_box_lines(record: dict, output_dir: str) -> list[str]:
+def bounding_box_lines(record: dict, output_dir: str, packed: bool = False) -> list[str]:
     """facenet's bounding_boxes.txt lines for one record (none for inputs that are not
-    images or that could not be read: facenet printed an error and wrote nothing)."""
+    images or that could not be read: facenet printed an error and wrote nothing). Each names
+    the output as a path under `output_dir`, or with `packed` (rec, webdataset) by its sample
+    key (align.writers.sample_key)."""
+    def name(output: str) -> str:
+        return sample_key(output) if packed else os.path.join(output_dir, output)
     if record["status"] == "aligned":
-        return [f"{os.path.join(output_dir, w['output'])} {' '.join(map(str, w['crop_box']))}\n"
-                for w in record["written"]]
+        return [f"{name(w['output'])} {' '.join(map(str, w['crop_box']))}\n" for w in record["written"]]
     if record["status"] == "no_face":
-        return [f"{os.path.join(output_dir, record['output'])}\n"]
+        return [f"{name(record['output'])}\n"]
     return []
 
 
@@ -312,8 +325,10 @@ class RecordIndex:
     the merge copies bytes."""
 
     def __init__(self, tasks: Sequence[Task], state: StateDir, output_dir_arg: str,
-                 base: Path | None = None):
+                 base: Path | None = None, packed: bool = False):
         self.tasks, self.state, self.output_dir_arg, self.base = tasks, state, output_dir_arg, base
+        self.packed = packed                        # bounding_boxes.txt names sample keys
+        self.dropped = 0                            # records of inputs gone from INPUT_DIR
         hashes = np.fromiter((hash(t.rel) for t in tasks), np.int64, len(tasks))
         self._order = np.argsort(hashes, kind="stable")     # tasks by hash of rel: the lookup
         self._hashes = hashes[self._order]
@@ -351,6 +366,15 @@ class RecordIndex:
     def pending(self) -> list[Task]:
         """The tasks that need work (needs_work), in input order."""
         return [self.tasks[i] for i in np.flatnonzero(np.isin(self.rows["status"], _TO_DO)).tolist()]
+
+    def base_alone(self) -> bool:
+        """Whether the records are the last finished run's, unchanged: after scan(), no journal
+        was found and no input of faces.jsonl is gone from INPUT_DIR (before any update())."""
+        return self.base is not None and len(self.paths) == 1 and self.dropped == 0
+
+    def identities_written(self) -> set[str]:
+        """The output identities (folder names of the folders layout) with a face written."""
+        return {self.tasks[i].out_base.split("/", 1)[0] for i in np.flatnonzero(self.rows["faces"] > 0).tolist()}
 
     def counts(self) -> dict:
         """{status: inputs} over STATUSES (and any other status found), and faces_written."""
@@ -439,8 +463,9 @@ class RecordIndex:
             spooled = []
             for (offset, line, record), i in zip(entries, self._find_all([r["input"] for _, _, r in entries])):
                 if i is None:
-                    continue                            # an input gone from INPUT_DIR since
-                boxes = "".join(bounding_box_lines(record, self.output_dir_arg)).encode("utf-8", "surrogateescape")
+                    self.dropped += 1                   # an input gone from INPUT_DIR since
+                    continue
+                boxes = "".join(bounding_box_lines(record, self.output_dir_arg, self.packed)).encode("utf-8", "surrogateescape")
                 spooled.append(boxes)
                 latest[i] = (self._code(record["status"]), len(record.get("written", ())), number,
                              offset, len(line), self._spool_size, len(boxes))

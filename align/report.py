@@ -15,8 +15,9 @@ Pictures: at most SAMPLE + AMBIGUOUS + NO_FACE (24 + 24 + 48 = 96) JPEGs of at m
 each at most THUMBS_PER_CARD of its thumbnails, as JPEGs of at most THUMB_SIDE pixels and
 THUMB_BYTES: MAX_PICTURE_BYTES in all (under 7 MB as base64), however many photos the job has.
 A photo's picture is drawn again only when what it shows changes (its key, a hash of the
-record's boxes, is kept beside it in the page): a rerun reuses the previous report's, and reads
-no input photo whose record is unchanged.
+record's boxes, is kept beside it in the page; its thumbnails' keys add their index): a rerun
+reuses the previous report's, and reads no input photo or thumbnail (no packed file, in the
+rec and webdataset formats) whose record is unchanged.
 """
 from __future__ import annotations
 
@@ -309,12 +310,12 @@ def data_uri(jpeg: bytes) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(jpeg).decode("ascii")
 
 
-def thumbnail_picture(path: Path) -> bytes | None:
-    """A written thumbnail as shown beside its photo: a JPEG of at most THUMB_SIDE pixels a
-    side and THUMB_BYTES; None when it cannot be read."""
+def thumbnail_picture(data: bytes) -> bytes | None:
+    """A written thumbnail (its encoded bytes) as shown beside its photo: a JPEG of at most
+    THUMB_SIDE pixels a side and THUMB_BYTES; None when it cannot be read."""
     from PIL import Image
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(data)) as im:
             im = im.convert("RGB")
             im.thumbnail((THUMB_SIDE, THUMB_SIDE), Image.BILINEAR)
             return _jpeg(im, THUMB_BYTES)
@@ -341,11 +342,18 @@ def picture_key(record: dict) -> str:
     return hashlib.blake2b(key.encode(), digest_size=10).hexdigest()
 
 
-_DRAWN = re.compile(r'<img class="photo" data-key="([0-9a-f]+)" src="(data:image/jpeg;base64,[^"]+)"')
+_DRAWN = re.compile(r'<img class="(?:photo|thumb)" data-key="([0-9a-f]+(?:-\d+)?)" src="(data:image/jpeg;base64,[^"]+)"')
+
+
+def thumb_key(record: dict, n: int) -> str:
+    """The key of the picture of a record's n-th written face (its picture key, and n): the
+    same record has the same thumbnails, in any output format."""
+    return f"{picture_key(record)}-{n}"
 
 
 def drawn_pictures(page: Path) -> dict[str, str]:
-    """{picture key: data URI} of the photos a report shows (none where there is no report)."""
+    """{picture key or thumb_key: data URI} of the photos and thumbnails a report shows (none
+    where there is no report)."""
     try:
         return dict(_DRAWN.findall(page.read_text("utf-8", "replace")))
     except OSError:
@@ -353,10 +361,21 @@ def drawn_pictures(page: Path) -> dict[str, str]:
 
 
 def _make_pictures(records: list[dict], input_dir: Path, output_dir: Path,
-                   drawn: dict[str, str]) -> dict[str, dict]:
+                   drawn: dict[str, str], output_format: str = "folders",
+                   image_format: str = "png") -> dict[str, dict]:
     """{input path: {"key": picture key, "photo": data URI or None (the photo cannot be read
     now), "thumbs": [(written entry, data URI or None)]}} for the records shown; `drawn`:
-    pictures to reuse, by key."""
+    pictures and thumbnails to reuse, by key. The thumbnails not among them are read as the
+    run's output format stores them (align.writers: in rec or webdataset, a scan of the packed
+    files, which a rerun that changed no record so never makes)."""
+    from align.config import Config
+    from align.writers import make_writer
+    missing = [w["output"] for r in records for n, w in enumerate((r.get("written") or [])[:THUMBS_PER_CARD])
+               if thumb_key(r, n) not in drawn]
+    stored = {}
+    if missing:
+        writer = make_writer(Config(format=image_format, output_format=output_format, workers=1), output_dir)
+        stored = writer.thumbnails(missing)
 
     def one(record: dict) -> dict:
         key = picture_key(record)
@@ -367,9 +386,13 @@ def _make_pictures(records: list[dict], input_dir: Path, output_dir: Path,
             except Exception:           # moved, changed or deleted since it was aligned
                 photo = None
         thumbs = []
-        for w in (record.get("written") or [])[:THUMBS_PER_CARD]:
-            jpeg = thumbnail_picture(output_dir / w["output"])
-            thumbs.append((w, data_uri(jpeg) if jpeg else None))
+        for n, w in enumerate((record.get("written") or [])[:THUMBS_PER_CARD]):
+            uri = drawn.get(thumb_key(record, n))
+            if uri is None:
+                data = stored.get(w["output"])
+                jpeg = thumbnail_picture(data) if data is not None else None
+                uri = data_uri(jpeg) if jpeg else None
+            thumbs.append((w, uri))
         return {"key": key, "photo": photo, "thumbs": thumbs}
 
     unique = list({r["input"]: r for r in records}.values())    # a photo may be in two sections
@@ -537,10 +560,10 @@ def _card(record: dict, pictures: dict, note: str = "") -> str:
            f'alt="{_esc(record["input"])}">'
            if pictures["photo"] else '<div class="missing">input photo not readable now</div>')
     thumbs = []
-    for w, uri in pictures["thumbs"]:
+    for n, (w, uri) in enumerate(pictures["thumbs"]):
         out = w.get("output")
         if uri:
-            thumbs.append(f'<img class="thumb" src="{uri}" alt="{_esc(out)}" '
+            thumbs.append(f'<img class="thumb" data-key="{pictures["key"]}-{n}" src="{uri}" alt="{_esc(out)}" '
                           f'title="face {w.get("face")}: {_esc(out)}">')
         else:
             thumbs.append(f'<div class="missing">{_esc(out)} missing</div>')
@@ -588,7 +611,8 @@ def _write_report(output_dir: Path, min_aligned: int) -> Path:
 
     sample, ambiguous, no_face = tally.sample.items(), tally.ambiguous.items(), tally.no_face.items()
     no_face.sort(key=lambda r: r["input"])
-    pictures = _make_pictures(sample + ambiguous + no_face, input_dir, output_dir, drawn)
+    pictures = _make_pictures(sample + ambiguous + no_face, input_dir, output_dir, drawn,
+                              options.get("output_format", "folders"), options.get("format", "png"))
 
     few = sorted(((n, a, i) for i, (n, a) in tally.identities.items() if a < min_aligned),
                  key=lambda x: (x[1], -x[0], x[2]))

@@ -15,6 +15,7 @@ import resource
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 from align.config import FORMATS, Config
 from align.dataset import LinkIntoOutput, cut_shards, walk
@@ -23,12 +24,13 @@ from align.engines import Interrupted, JobError, OptionsError, make_engine  # no
 from align.records import BOXES, RECORDS, SUMMARY, Journal, RecordIndex, StateDir, finished_summary, write_summary
 from align.report import REPORT, report_or_warn
 from align.worker import ShardJob
+from align.writers import labels_of, make_writer, packed_files
 from facenet_nets import backend_name
 from facenet_nets.weights import verify_weights
 
 # options whose change changes the output: a resumed run must use the same ones
 OUTPUT_OPTIONS = ("image_size", "margin", "detect_multiple_faces", "min_face_size",
-                  "thresholds", "factor", "format", "align")
+                  "thresholds", "factor", "format", "align", "output_format")
 LOG_EVERY_S = 10.0
 
 
@@ -167,14 +169,25 @@ def align_dataset(input_dir, output_dir, config: Config | None = None, *, client
 
 
 def _start_over(output_dir: Path, state: StateDir) -> None:
-    """--overwrite: every thumbnail the records name, then the records themselves."""
+    """--overwrite: every thumbnail the records name, the packed files of any format, then
+    the records themselves."""
     finished = (r for chunk in Journal(output_dir / RECORDS).chunks() for _, _, r in chunk)
     for record in itertools.chain(finished, state.each_record()):
         for written in record.get("written", ()):
             (output_dir / written["output"]).unlink(missing_ok=True)
     state.reset()
+    for path in packed_files(output_dir):
+        path.unlink()
     for name in (RECORDS, BOXES, SUMMARY, REPORT):
         (output_dir / name).unlink(missing_ok=True)
+
+
+def _written_faces(output_dir: Path) -> Iterator[tuple[dict, dict]]:
+    """(record, written entry) of every face of faces.jsonl, in input order, streamed."""
+    for chunk in Journal(output_dir / RECORDS).chunks():
+        for _, _, record in chunk:
+            for written in record.get("written") or ():
+                yield record, written
 
 
 def _remove_empty_identities(output_dir: Path, tasks) -> None:
@@ -191,11 +204,15 @@ def _run(config, engine, input_dir, output_dir, output_arg, state, finished, fou
          t0) -> dict:
     options = {k: getattr(config, k) for k in OUTPUT_OPTIONS}
     options["thresholds"] = list(options["thresholds"])
+    if config.output_format == "webdataset":
+        options["tar_shard_mb"] = config.tar_shard_mb
+    writer = make_writer(config, output_dir)
     previous = state.options()
     if previous is None and finished is not None:
         previous = finished["options"]
     if previous is not None:
         previous.setdefault("align", "box")     # a run begun before --align existed
+        previous.setdefault("output_format", "folders")     # ... or before --output_format
     legacy_outputs = state.legacy_marker.exists() or bool(finished and finished.get("legacy_outputs"))
     if config.overwrite:
         _start_over(output_dir, state)
@@ -207,6 +224,10 @@ def _run(config, engine, input_dir, output_dir, output_arg, state, finished, fou
     state.set_options(options)
     if found_outputs and not config.overwrite:
         legacy_outputs = True
+    if legacy_outputs and writer.packed:
+        raise OptionsError(f"{output_dir} holds files align_dataset did not write (facenet's "
+                           f"thumbnails?): --output_format {config.output_format} needs an empty "
+                           f"OUTPUT_DIR, or one of its own runs")
     if legacy_outputs:
         state.legacy_marker.touch()
     _remove_stale_temporaries(output_dir)
@@ -224,8 +245,9 @@ def _run(config, engine, input_dir, output_dir, output_arg, state, finished, fou
         _remove_unjournaled_outputs(output_dir, job.tasks)
     # the last finished run's records, under the journals (none when it was facenet's folder)
     base = output_dir / RECORDS if previous is not None and not config.overwrite else None
-    index = RecordIndex(job.tasks, state, output_arg, base)     # where each task's record lies
+    index = RecordIndex(job.tasks, state, output_arg, base, writer.packed)   # where each task's record lies
     index.scan()
+    unchanged = index.base_alone()      # the records, and so the packed files, are the last run's
     pending = index.pending()
     if config.random_order:
         random.shuffle(pending)
@@ -241,6 +263,9 @@ def _run(config, engine, input_dir, output_dir, output_arg, state, finished, fou
 
     index.update(shards)
     counts = index.merge(output_dir)        # faces.jsonl and bounding_boxes.txt, in input order
+    labels = labels_of(index.identities_written())
+    if writer.packed and not (unchanged and not shards and writer.complete()):
+        writer.assemble(state.root, _written_faces(output_dir), labels)
     # from every worker holding its nets (they start together) to the last shard's records
     processing_s = (ran.done_at - ran.ready_at) if ran else t_end - t_work
     summary = {
@@ -249,7 +274,8 @@ def _run(config, engine, input_dir, output_dir, output_arg, state, finished, fou
         "unreadable": counts["unreadable"], "too_costly": counts["too_costly"],
         "errors": counts["error"],
         "skipped": counts["not_an_image"] + counts["skipped_existing"] + len(job.skipped),
-        "faces_written": counts["faces_written"],
+        "faces_written": counts["faces_written"], "num_classes": len(labels),
+        "output_format": config.output_format, "packed": writer.describe(),
         "not_an_image": counts["not_an_image"], "skipped_existing": counts["skipped_existing"],
         "skipped_entries": job.skipped,
         "processed_this_run": len(pending),

@@ -255,12 +255,14 @@ def test_the_aligner_skips_a_face_whose_landmarks_coincide(sample_images, detect
     faces = Faces(found.boxes, found.scores, landmarks)
     (tmp_path / "Group").mkdir()
     aligner = Aligner(Config(align="arcface", detect_multiple_faces=True), tmp_path, tmp_path, detector)
-    record = aligner._aligned(Task("Group/t1.jpg", "Group/t1"), image, faces)
+    with aligner.writer.shard("t1") as sink:
+        record = aligner._aligned(Task("Group/t1.jpg", "Group/t1"), image, faces, sink)
     assert record["status"] == "aligned"
     assert [w["face"] for w in record["written"]] == [0, 2, 3, 4, 5]
     assert sorted(p.name for p in (tmp_path / "Group").iterdir()) == ["t1_0.png", "t1_2.png", "t1_3.png",
                                                                       "t1_4.png", "t1_5.png"]
     one = Faces(found.boxes[1:2], found.scores[1:2], landmarks[1:2])
-    record = aligner._aligned(Task("Group/t1.jpg", "Group/t1"), image, one)
+    with aligner.writer.shard("t1") as sink:
+        record = aligner._aligned(Task("Group/t1.jpg", "Group/t1"), image, one, sink)
     assert (record["status"], record["written"]) == ("no_face", [])
     assert "landmarks" in record["reason"]
