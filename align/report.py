@@ -622,7 +622,8 @@ def _write_report(output_dir: Path, min_aligned: int) -> Path:
                 ("photos with several faces", tally.several),
                 ("identities", len(tally.identities)),
                 ("processed by the last run", s.get("processed_this_run")),
-                ("workers", s.get("workers")), ("wall time, s", s.get("wall_s")),
+                ("workers", s.get("workers")), ("Keras backend", s.get("backend")),
+                ("wall time, s", s.get("wall_s")),
                 ("processing time, s", s.get("processing_s")),
                 ("images/s", s.get("images_per_s")), ("peak memory of workers, MB", s.get("peak_rss_mb"))]
     legend = (f'<p class="legend">Drawn: every detected box with its five landmarks, numbered as in '

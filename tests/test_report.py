@@ -306,6 +306,7 @@ def test_default_run_report_renders(default_run, photos, chromium, tmp_path):
                                                       for w in r["written"])
     assert not (out / ".align_dataset").exists()
     text = facts["text"]
+    assert "Keras backend\ttensorflow" in text["summary"], text["summary"]
     assert "Group/t1.jpg" in text["ambiguous"] and "Extra/palette.png" not in text["ambiguous"]
     assert "Extra/no_face.png" in text["no-face"]
     assert [i for i in facts["images"] if i["section"] == "no-face"]
