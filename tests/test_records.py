@@ -32,7 +32,7 @@ def expected_merge(winners: list[dict]) -> tuple[bytes, bytes, dict]:
             boxes += [f"{OUTPUT_ARG}/{w['output']} {' '.join(str(v) for v in w['crop_box'])}\n" for w in r["written"]]
         elif r["status"] == "no_face":
             boxes.append(f"{OUTPUT_ARG}/{r['output']}\n")
-    counts = dict.fromkeys(["aligned", "no_face", "unreadable", "not_an_image", "skipped_existing", "error"], 0)
+    counts = dict.fromkeys(["aligned", "no_face", "unreadable", "too_costly", "not_an_image", "skipped_existing", "error"], 0)
     for r in winners:
         counts[r["status"]] += 1
     counts["faces_written"] = sum(len(r["written"]) for r in winners)
