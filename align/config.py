@@ -54,12 +54,14 @@ def available_memory() -> int | None:
         return None
 
 
-def bounded_workers(requested: int, shards: int) -> tuple[int, str | None]:
+def bounded_workers(requested: int, shards: int, available: int | None = None) -> tuple[int, str | None]:
     """Workers to start for `shards` shards: `requested`, but no more than there are shards
-    or than the available memory holds (WORKER_MEMORY_BYTES each), and a warning when memory
-    is what capped them. Checked before any worker starts."""
+    or than `available` bytes of memory hold (WORKER_MEMORY_BYTES each; default: what
+    available_memory() finds now), and a warning when memory is what capped them. Checked
+    before any worker starts."""
     n = max(1, min(requested, shards))
-    available = available_memory()
+    if available is None:
+        available = available_memory()
     if available is not None and n > max(1, available // WORKER_MEMORY_BYTES):
         fit = max(1, available // WORKER_MEMORY_BYTES)
         return fit, (f"--workers {requested}: {available / 1e9:.1f} GB of memory available holds "

@@ -7,6 +7,12 @@ import pytest
 from conftest import SHARED, decode
 
 NAMES = ["astronaut.png", "grace_hopper.jpg", "t1.jpg"]
+# Parity with facenet's detect_face, as measured on the dev set (204 photos, 184 with faces):
+# boxes within 7.7e-5 px, landmarks 1.2e-4 px, scores 1.7e-6 (the pyramid is OpenCV's, as
+# facenet's). The bars leave room only for float rounding, which moves facenet's own boxes by
+# up to 6e-5 px between an Intel and an AMD CPU.
+PIXELS = 1e-3       # boxes and landmarks, input pixels
+SCORE = 1e-5        # face probabilities
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -14,11 +20,9 @@ def test_same_faces_as_facenet(detector, sample_images, reference_faces, name):
     ours = detector.detect(sample_images[name])
     ref = reference_faces[name]
     assert len(ours) == len(ref["boxes"]) > 0
-    # measured within 6e-5 px (the pyramid is OpenCV's, as facenet's); 0.01 px leaves room
-    # for other CPUs' float rounding in the nets
-    np.testing.assert_allclose(ours.boxes, ref["boxes"][:, :4], atol=0.01, rtol=0)
-    np.testing.assert_allclose(ours.landmarks, ref["landmarks"], atol=0.01, rtol=0)
-    np.testing.assert_allclose(ours.scores, ref["boxes"][:, 4], atol=1e-3, rtol=0)
+    np.testing.assert_allclose(ours.boxes, ref["boxes"][:, :4], atol=PIXELS, rtol=0)
+    np.testing.assert_allclose(ours.landmarks, ref["landmarks"], atol=PIXELS, rtol=0)
+    np.testing.assert_allclose(ours.scores, ref["boxes"][:, 4], atol=SCORE, rtol=0)
 
 
 def test_group_photo_has_six_faces(detector, sample_images):
@@ -87,16 +91,23 @@ def test_tiny_image_has_no_faces(detector):
                     reason="needs ../shared/faces/dev and its facenet reference")
 def test_dev_set_parity(detector):
     rows = [json.loads(l) for l in (SHARED / "reference" / "facenet_dev.jsonl").read_text().splitlines()]
-    mismatched, deltas = [], []
+    mismatched, worst = [], {"box": 0.0, "landmark": 0.0, "score": 0.0}
+    faces_compared = 0
     for row in rows:
         faces = detector.detect(decode(SHARED / "faces" / "dev" / row["path"]))
         ref = np.asarray(row["boxes"], dtype=np.float64).reshape(-1, 5)
+        marks = np.asarray(row["landmarks"], dtype=np.float64).reshape(-1, 10)
         if len(faces) != len(ref):
-            mismatched.append(row["path"])
-        elif len(ref):
-            deltas.extend(np.abs(faces.boxes - ref[:, :4]).max(axis=1))
-    deltas = np.asarray(deltas)
-    print(f"dev parity: {len(rows)} images, {len(mismatched)} count mismatches {mismatched}, "
-          f"{len(deltas)} faces, box delta max {deltas.max():.4f} px, median {np.median(deltas):.2e} px")
-    assert len(mismatched) <= 0.01 * len(rows), mismatched
-    assert (deltas <= 0.5).mean() >= 0.99
+            mismatched.append(f"{row['path']}: {len(faces)} faces, facenet {len(ref)}")
+            continue
+        faces_compared += len(ref)
+        if len(ref):
+            worst["box"] = max(worst["box"], np.abs(faces.boxes - ref[:, :4]).max())
+            worst["landmark"] = max(worst["landmark"], np.abs(
+                faces.landmarks - np.stack([marks[:, :5], marks[:, 5:]], -1)).max())
+            worst["score"] = max(worst["score"], np.abs(faces.scores - ref[:, 4]).max())
+    print(f"dev parity: {len(rows)} images, {faces_compared} faces; max |diff|: box {worst['box']:.1e} px, "
+          f"landmark {worst['landmark']:.1e} px, score {worst['score']:.1e}; count mismatches {mismatched}")
+    assert len(rows) == 204 and faces_compared > 200
+    assert mismatched == []
+    assert worst["box"] <= PIXELS and worst["landmark"] <= PIXELS and worst["score"] <= SCORE, worst

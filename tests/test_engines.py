@@ -1,6 +1,8 @@
 """The engines against each other: the dask engine on a real cluster (a LocalCluster of worker
-processes, or a scheduler and a worker started as commands) writes the tree the local engine
-writes, survives a killed worker, and leaves nothing running or writing when its client dies."""
+processes, or a scheduler and workers started as commands) writes the tree the local engine
+writes, reruns the shard of a killed worker, names a worker that cannot see INPUT_DIR, write
+OUTPUT_DIR or find the weights, records a shard that fails on every try as errors for the next
+run, and leaves nothing running or writing when its client dies."""
 from __future__ import annotations
 
 import fcntl
@@ -15,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from conftest import SHARED
-from test_cli import (assert_same_tree, cli_env, describe, journal_lines, kill_group, ok,
-                      one_error_line, run_align, start_align, wait_for)
+from test_cli import (assert_same_tree, cli_env, describe, journal_dir, journal_lines, journal_records,
+                      kill_group, ok, one_error_line, read_jsonl, run_align, start_align, summary, wait_for)
 
 psutil = pytest.importorskip("psutil", reason="psutil comes with distributed (the dask extra)")
 pytest.importorskip("distributed", reason="the dask extra is not installed")
@@ -48,6 +50,11 @@ def local_run(photos, tmp_path_factory) -> Path:
     return cwd / "out"
 
 
+def journal_inputs_of(out: Path, shard: str) -> list[str]:
+    """The inputs a shard's journal records, in its order."""
+    return [r["input"] for r in journal_records(out) if r["_shard"] == shard]
+
+
 def descendants(pid: int) -> list:
     try:
         return psutil.Process(pid).children(recursive=True)
@@ -65,18 +72,6 @@ def test_dask_engine_writes_the_local_engines_tree(photos, local_run, tmp_path):
     assert p.stdout.count("Dask dashboard") == 1
     assert "Traceback" not in p.stderr, p.stderr
     assert_same_tree(local_run, tmp_path / "out", ignore_summary_keys=IGNORE)
-
-
-def test_a_killed_dask_worker_has_its_shard_rerun(photos, local_run, tmp_path):
-    proc = start_align(photos, "out", "--engine", "dask", "--workers", 2, "--quiet", cwd=tmp_path)
-    out = tmp_path / "out"
-    wait_for(lambda: journal_lines(out) >= 1, proc, "a journal line was written")
-    workers = [w for w in descendants(proc.pid) if "spawn_main" in " ".join(w.cmdline())]
-    assert len(workers) == 2, "the LocalCluster's two worker processes are not there"
-    workers[0].kill()
-    stdout, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{stdout}\n{stderr}"
-    assert_same_tree(local_run, out, ignore_summary_keys=IGNORE)
 
 
 def test_a_killed_dask_client_leaves_nothing_running_and_the_local_engine_finishes(
@@ -111,6 +106,10 @@ def test_ctrl_c_stops_a_dask_run_cleanly_and_the_rerun_completes(photos, local_r
     assert_same_tree(local_run, out, ignore_summary_keys=IGNORE)
 
 
+needs_unshare = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"),
+                                   reason="needs root and unshare(1) to change what one worker sees")
+
+
 @pytest.fixture()
 def scheduler(tmp_path):
     """A Dask scheduler started as a command, on a free loopback port; its address."""
@@ -129,15 +128,67 @@ def scheduler(tmp_path):
         kill_group(p)
 
 
-def start_worker(address: str, tmp_path: Path, prefix=()) -> subprocess.Popen:
+def start_worker(address: str, tmp_path: Path, prefix=(), options=(), env=None) -> subprocess.Popen:
     return subprocess.Popen([*prefix, BIN / "dask", "worker", address, "--nworkers", "1",
-                             "--nthreads", "1", "--no-dashboard", "--local-directory", tmp_path],
-                            cwd=tmp_path, env=cli_env(), stdout=open(tmp_path / "worker.log", "a"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
+                             "--nthreads", "1", "--no-dashboard", "--local-directory", tmp_path, *options],
+                            cwd=tmp_path, env={**cli_env(), **(env or {})},
+                            stdout=open(tmp_path / "worker.log", "a"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"),
-                    reason="needs root and unshare(1) to hide INPUT_DIR from one worker")
+def test_a_killed_dask_worker_has_its_shard_rerun(photos, local_run, scheduler, tmp_path):
+    """Two workers (no nanny to restart them) of a scheduler the run finds in
+    DASK_SCHEDULER_ADDRESS; the one the scheduler shows processing a shard that has journaled
+    nothing yet (a shard's photos are journaled in one batch) is killed: that shard is done by
+    the other, every photo once, and the tree is the local engine's."""
+    from distributed import Client
+    address, started = scheduler
+    started += [start_worker(address, tmp_path, options=["--no-nanny"]) for _ in range(2)]
+    out = tmp_path / "out"
+    with Client(address, timeout=60) as client:
+        client.wait_for_workers(2, timeout=120)
+        pids = client.run(os.getpid)
+        # the scheduler's address from the environment, as Dask itself takes it, not --scheduler
+        proc = start_align(photos, "out", "--engine", "dask", "--workers", 3, cwd=tmp_path,
+                           env={"DASK_SCHEDULER_ADDRESS": address})
+        started.append(proc)
+        victim = {}
+
+        def a_shard_in_flight() -> bool:
+            """A worker processing an align-shard task whose journal is still empty, once a
+            first shard is journaled (the nets are loaded)."""
+            if journal_lines(out) < 1:
+                return False
+            for worker, keys in client.processing().items():
+                for key in keys:
+                    if str(key).startswith("align-shard-"):
+                        shard = str(key)[len("align-shard-"):].rsplit("-", 1)[0]
+                        if not journal_inputs_of(out, shard):
+                            victim.update(worker=worker, key=str(key), shard=shard)
+                            return True
+            return False
+        # the run's shards are on this scheduler: DASK_SCHEDULER_ADDRESS was used
+        wait_for(a_shard_in_flight, proc, "a worker of this scheduler processing a shard", timeout=240)
+        killed_at = time.time()
+        os.kill(pids[victim["worker"]], signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while victim["worker"] in client.scheduler_info()["workers"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert victim["worker"] not in client.scheduler_info()["workers"], "the killed worker is still listed"
+        stdout, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, f"exit {proc.returncode}\n{stdout}\n{stderr}"
+        assert len(client.scheduler_info()["workers"]) == 1
+        # the scheduler's transitions of the killed shard's task: done after the kill, by the
+        # one worker left (key, start, finish, recommendations, stimulus_id, timestamp)
+        story = client.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.story(victim["key"])))
+    print(f"\nkilled {victim['worker']} processing {victim['key']}; the shard was rerun")
+    done = [t for t in story if t[2] == "memory"]
+    assert done and done[-1][-1] > killed_at, (victim, story)
+    assert all(r["status"] == "aligned" for r in records(out)), "a shard failed instead of rerunning"
+    assert_same_tree(local_run, out, ignore_summary_keys=IGNORE)
+
+
+@needs_unshare
 def test_a_worker_that_does_not_see_input_dir_is_named(photos, scheduler, tmp_path):
     address, started = scheduler
     hidden = tmp_path / "hidden"
@@ -152,6 +203,67 @@ def test_a_worker_that_does_not_see_input_dir_is_named(photos, scheduler, tmp_pa
     assert "Dask worker tcp://127.0.0.1:" in line and "does not see INPUT_DIR" in line, line
     assert "same paths on every worker" in line
     assert not list((tmp_path / "out").glob("*/*.png"))
+
+
+def read_only_for_the_worker(folder: Path) -> list:
+    """A prefix for start_worker: the worker runs in a mount namespace of its own, where
+    `folder` (which must exist) is a read-only bind mount of itself; everyone else writes there."""
+    return ["unshare", "-m", "--propagation", "private", "sh", "-c",
+            f'mount --bind "{folder}" "{folder}" && mount -o remount,bind,ro "{folder}" && exec "$0" "$@"']
+
+
+@needs_unshare
+def test_a_worker_that_cannot_write_output_dir_is_named(photos, scheduler, tmp_path):
+    address, started = scheduler
+    out = tmp_path / "out"
+    out.mkdir()
+    started.append(start_worker(address, tmp_path, prefix=read_only_for_the_worker(out)))
+    p = run_align(photos, out, "--engine", "dask", "--scheduler", address)
+    assert p.returncode == 1, describe(p)
+    line = one_error_line(p)
+    assert "Dask worker tcp://127.0.0.1:" in line and f"cannot write into OUTPUT_DIR {out}" in line, line
+    assert "Read-only file system" in line
+    assert not list(out.glob("*/*.png"))
+
+
+def test_a_worker_without_the_weights_is_named(photos, scheduler, tmp_path):
+    address, started = scheduler
+    (tmp_path / "no_weights").mkdir()
+    started.append(start_worker(address, tmp_path, env={"ALIGN_WEIGHTS_DIR": str(tmp_path / "no_weights")}))
+    p = run_align(photos, tmp_path / "out", "--engine", "dask", "--scheduler", address)
+    assert p.returncode == 1, describe(p)
+    line = one_error_line(p)
+    assert "Dask worker tcp://127.0.0.1:" in line and "has no usable MTCNN weights" in line, line
+    assert f"{tmp_path / 'no_weights'} lacks det1.npy, det2.npy, det3.npy" in line
+    assert not list((tmp_path / "out").glob("*/*.png"))
+
+
+@needs_unshare
+def test_a_shard_that_fails_on_every_try_becomes_error_records_retried_by_the_next_run(
+        sample_paths, scheduler, tmp_path):
+    """The one worker sees the journals' folder read-only (its probe, which writes beside it,
+    passes): the shard raises on each of its tries, so its photos are recorded "error" by
+    the client, and the next run (the local engine) aligns them."""
+    address, started = scheduler
+    (tmp_path / "in" / "Ann").mkdir(parents=True)
+    for name in ("grace_hopper.jpg", "astronaut.png"):
+        shutil.copyfile(sample_paths[name], tmp_path / "in" / "Ann" / name)
+    out = tmp_path / "out"
+    journal_dir(out).mkdir(parents=True)
+    started.append(start_worker(address, tmp_path, prefix=read_only_for_the_worker(journal_dir(out))))
+    p = ok(run_align(tmp_path / "in", out, "--engine", "dask", "--scheduler", address, "--quiet"))
+    recs = read_jsonl(out / "faces.jsonl")
+    assert [(r["input"], r["status"]) for r in recs] == [("Ann/astronaut.png", "error"), ("Ann/grace_hopper.jpg", "error")]
+    for r in recs:
+        assert r["reason"].startswith("failed on every try (Dask): OSError"), r["reason"]
+        assert "Read-only file system" in r["reason"]
+    assert summary(out)["errors"] == 2
+    assert "Traceback" not in p.stderr, describe(p)
+
+    ok(run_align(tmp_path / "in", out, "--quiet"))
+    assert [(r["input"], r["status"]) for r in read_jsonl(out / "faces.jsonl")] == [
+        ("Ann/astronaut.png", "aligned"), ("Ann/grace_hopper.jpg", "aligned")]
+    assert summary(out)["errors"] == 0 and summary(out)["processed_this_run"] == 2
 
 
 def test_no_worker_writes_after_its_client_is_gone(photos, scheduler, tmp_path):

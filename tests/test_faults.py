@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from align.aligner import Aligner
-from align.config import MAX_IMAGE_SIZE, WORKER_MEMORY_BYTES, Config, DetectParams, available_memory, bounded_workers
+from align.config import MAX_IMAGE_SIZE, WORKER_MEMORY_BYTES, Config, DetectParams, bounded_workers
 from align.dataset import Shard, Task
 from align.detect import MAX_PYRAMID_LEVEL_PIXELS, TooCostly
 from align.imageio import UnreadableImage
@@ -91,6 +91,24 @@ def test_detect_faces_refuses_a_pyramid_level_too_large(detector, sample_images)
     assert isinstance(e.value, ValueError) and str(MAX_PYRAMID_LEVEL_PIXELS) in str(e.value)
 
 
+def test_more_r_net_candidates_than_o_net_takes_are_refused(detector, sample_images):
+    """A 1920 px mosaic of 6,400 faces of 24 px (t1.jpg's six, tiled) with R-Net passing every
+    candidate (--thresholds 0.98,0,0.7) leaves 10,097 candidates for O-Net: refused, over
+    MAX_ONET_CANDIDATES, before O-Net runs on them."""
+    from align.detect import MAX_ONET_CANDIDATES
+    group = sample_images["t1.jpg"]
+    tiles = [np.asarray(Image.fromarray(group[max(0, y1):y2, max(0, x1):x2]).resize((24, 24)))
+             for x1, y1, x2, y2 in detector.detect(group).boxes.astype(int)]
+    assert len(tiles) == 6
+    mosaic = np.concatenate([np.concatenate([tiles[(i * 80 + j) % 6] for j in range(80)], axis=1)
+                             for i in range(80)])
+    assert mosaic.shape == (1920, 1920, 3)
+    with pytest.raises(TooCostly, match=f"R-Net candidates for O-Net \\(limit {MAX_ONET_CANDIDATES}\\); "
+                                        f"raise --thresholds") as e:
+        detector.detect(mosaic, DetectParams(thresholds=(0.98, 0, 0.7)))
+    assert MAX_ONET_CANDIDATES == 5_000 and int(str(e.value).split()[5]) > 2 * MAX_ONET_CANDIDATES
+
+
 def test_default_options_never_hit_the_pyramid_bounds():
     """The largest photo imageio decodes, at the default options, is searched as before."""
     from align.detect import cost_refusal
@@ -107,11 +125,21 @@ def test_options_without_bounds_are_refused(options):
 
 
 def test_workers_are_bounded_by_shards_and_memory():
-    assert bounded_workers(8, 3) == (3, None)
-    assert bounded_workers(1, 0)[0] == 1
-    fit = max(1, available_memory() // WORKER_MEMORY_BYTES)
+    gb = 1_000_000_000
+    assert WORKER_MEMORY_BYTES == 1.5 * gb
+    assert bounded_workers(8, 3, available=64 * gb) == (3, None)          # the shards bound them
+    assert bounded_workers(1, 0, available=64 * gb) == (1, None)
+    assert bounded_workers(4, 10, available=6 * gb) == (4, None)          # exactly 4 x 1.5 GB
+    assert bounded_workers(5, 10, available=6 * gb)[0] == 4               # one more does not fit
+    n, warning = bounded_workers(10_000, 10_000, available=int(6.9 * gb))
+    assert n == 4
+    assert warning == ("--workers 10000: 6.9 GB of memory available holds 4 worker(s) of ~1.5 GB; "
+                       "starting 4")
+    n, warning = bounded_workers(3, 10, available=gb)                    # less than one worker's
+    assert n == 1 and "holds 1 worker(s)" in warning
+    # by default, the memory available now: this machine holds no 10,000 workers
     n, warning = bounded_workers(10_000, 10_000)
-    assert n == fit and "GB of memory" in warning and "--workers 10000" in warning
+    assert 1 <= n < 10_000 and "GB of memory available" in warning and "--workers 10000" in warning
 
 
 @pytest.mark.parametrize("spelling, value", [("--detect_multiple_faces=True", True),

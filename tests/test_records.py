@@ -1,6 +1,6 @@
 """The streaming merge (RecordIndex): which record of an input wins, input order, torn journals,
-and bytes identical to what the in-memory merge of earlier releases wrote (kept below as the
-reference)."""
+and the bytes of faces.jsonl and bounding_boxes.txt against the records each test wrote into the
+journals, laid out by hand (expected_merge)."""
 from __future__ import annotations
 
 import json
@@ -10,27 +10,33 @@ import pickle
 import pytest
 
 from align.dataset import Shard, Task, walk
-from align.records import STATUSES, Journal, RecordIndex, StateDir, bounding_box_lines, dumps
+from align.records import Journal, RecordIndex, StateDir
 
 OUTPUT_ARG = "~/out dir/é"      # as the user typed it: bounding_boxes.txt repeats it
 
 
-# --- the reference: the in-memory merge that RecordIndex replaces ---------------------------------
-def reference_merge(state: StateDir, tasks: list[Task], run: list[Shard] = ()) -> tuple[bytes, bytes, dict]:
-    """(faces.jsonl, bounding_boxes.txt, counts) as the runner made them before: every record
-    in a dict (load_all), each shard of this run's records over it, then ordered by task."""
-    records = state.load_all()
-    for shard in run:
-        done = state.journal(shard.key).load()
-        records.update((t.rel, done[t.rel]) for t in shard.tasks)
-    ordered = [records[t.rel] for t in tasks]
-    faces = "".join(dumps(r) + "\n" for r in ordered).encode("utf-8", "surrogateescape")
-    boxes = "".join(line for r in ordered for line in bounding_box_lines(r, OUTPUT_ARG))
-    counts = {s: 0 for s in STATUSES}
-    for r in ordered:
+# --- the expected files, by hand: from the records each test says must win, in input order -------
+def line(record: dict) -> str:
+    """A record as faces.jsonl (and a journal) holds it: one JSON object, ASCII, ", " and ": "."""
+    return json.dumps(record, separators=(", ", ": ")) + "\n"
+
+
+def expected_merge(winners: list[dict]) -> tuple[bytes, bytes, dict]:
+    """(faces.jsonl, bounding_boxes.txt, counts) of a job whose records, in input order, are
+    `winners`: one line each; facenet's box lines (OUTPUT_ARG/output x1 y1 x2 y2 per face
+    written, the output alone for no face, nothing for the rest)."""
+    faces = "".join(line(r) for r in winners)
+    boxes = []
+    for r in winners:
+        if r["status"] == "aligned":
+            boxes += [f"{OUTPUT_ARG}/{w['output']} {' '.join(str(v) for v in w['crop_box'])}\n" for w in r["written"]]
+        elif r["status"] == "no_face":
+            boxes.append(f"{OUTPUT_ARG}/{r['output']}\n")
+    counts = dict.fromkeys(["aligned", "no_face", "unreadable", "not_an_image", "skipped_existing", "error"], 0)
+    for r in winners:
         counts[r["status"]] += 1
-    counts["faces_written"] = sum(len(r.get("written", ())) for r in ordered)
-    return faces, boxes.encode("utf-8", "surrogateescape"), counts
+    counts["faces_written"] = sum(len(r["written"]) for r in winners)
+    return faces.encode("ascii"), "".join(boxes).encode("utf-8", "surrogateescape"), counts
 
 
 def merged(state: StateDir, tasks: list[Task], run: list[Shard] = ()) -> tuple[bytes, bytes, dict]:
@@ -101,7 +107,7 @@ def test_merge_writes_the_records_in_input_order_whatever_journal_holds_them(sta
     state.journal("b").append([recs[4], recs[2], record("gone/x.jpg", "aligned")])  # not in the walk
     faces, boxes, counts = merged(state, TASKS)
     assert [json.loads(line)["input"] for line in faces.splitlines()] == [t.rel for t in TASKS]
-    assert (faces, boxes, counts) == reference_merge(state, TASKS)
+    assert (faces, boxes, counts) == expected_merge(recs)
     assert counts == {"aligned": 4, "no_face": 1, "unreadable": 1, "too_costly": 0, "not_an_image": 1,
                       "skipped_existing": 0, "error": 0, "faces_written": 5}
     assert boxes.decode("utf-8", "surrogateescape").splitlines() == [
@@ -124,7 +130,8 @@ def test_a_finished_record_wins_over_an_error_in_another_journal(state, error_jo
     assert index.pending() == [tasks[2]]
     faces, boxes, counts = merged(state, tasks)
     assert [json.loads(line)["status"] for line in faces.splitlines()] == ["aligned", "aligned", "error"]
-    assert (faces, boxes, counts) == reference_merge(state, tasks)
+    assert (faces, boxes, counts) == expected_merge([record("p/x.jpg", "aligned"), record("p/y.jpg", "aligned"),
+                                                     record("p/z.jpg", "error", reason="OSError: full")])
     assert counts["error"] == 1 and counts["aligned"] == 2
 
 
@@ -132,8 +139,7 @@ def test_within_a_journal_the_last_line_of_an_input_counts(state):
     tasks = [task("p/x.jpg")]
     state.journal("a").append([record("p/x.jpg", "error", reason="first")])
     state.journal("a").append([record("p/x.jpg", "no_face")])       # the retry, same shard
-    assert merged(state, tasks) == reference_merge(state, tasks)
-    assert merged(state, tasks)[2]["no_face"] == 1
+    assert merged(state, tasks) == expected_merge([record("p/x.jpg", "no_face")])
 
 
 @pytest.mark.parametrize("old, new", [("a", "b"), ("b", "a")])
@@ -150,19 +156,18 @@ def test_a_runs_own_outcome_wins_over_an_older_error(state, old, new):
     index.update([shard])
     index.merge(state.root.parent)
     faces = (state.root.parent / "faces.jsonl").read_bytes()
-    assert faces == reference_merge(state, tasks, [shard])[0]
-    assert json.loads(faces.splitlines()[0])["reason"] == "new"
+    assert faces == expected_merge([record("p/x.jpg", "error", reason="new"), record("p/y.jpg", "aligned")])[0]
 
 
 def test_torn_tails_are_cut_as_journal_load_cuts_them(state):
     tasks = [task(f"p/{i}.jpg") for i in range(4)]
     state.journal("a").append([record(t.rel, "aligned") for t in tasks[:2]])
     with open(state.journals / "a.jsonl", "ab") as f:                     # killed mid-write
-        f.write(dumps(record(tasks[2].rel, "aligned")).encode()[:50])
+        f.write(line(record(tasks[2].rel, "aligned")).encode()[:50])
     state.journal("b").append([record(tasks[3].rel, "no_face")])
     with open(state.journals / "b.jsonl", "ab") as f:                     # a line of garbage
         f.write(b'{"input": "p/2.jpg", "status": "aligned", \x00\x00\n')
-        f.write((dumps(record(tasks[2].rel, "no_face")) + "\n").encode())
+        f.write(line(record(tasks[2].rel, "no_face")).encode())
     index = RecordIndex(tasks, state, OUTPUT_ARG)
     index.scan()
     assert index.pending() == [tasks[2]]                # neither torn line counts
@@ -170,7 +175,8 @@ def test_torn_tails_are_cut_as_journal_load_cuts_them(state):
         assert state.journal(name).path.read_bytes().endswith(b"]}\n")
         assert len(state.journal(name).path.read_bytes().splitlines()) == {"a": 2, "b": 1}[name]
     state.journal("c").append([record(tasks[2].rel, "aligned")])
-    assert merged(state, tasks) == reference_merge(state, tasks)
+    assert merged(state, tasks) == expected_merge([record(tasks[0].rel, "aligned"), record(tasks[1].rel, "aligned"),
+                                                   record(tasks[2].rel, "aligned"), record(tasks[3].rel, "no_face")])
 
 
 def test_an_input_without_a_record_stops_the_merge_and_leaves_no_output(state):
@@ -200,7 +206,7 @@ def test_many_journals_more_than_the_merge_keeps_open(state):
     for j in range(100):
         state.journal(f"{j:03d}").append([record(t.rel, STATUS[k % 4]) for k, t in enumerate(tasks)
                                           if k % 100 == j])
-    assert merged(state, tasks) == reference_merge(state, tasks)
+    assert merged(state, tasks) == expected_merge([record(t.rel, STATUS[k % 4]) for k, t in enumerate(tasks)])
 
 
 # --- Task ---------------------------------------------------------------------------------------------

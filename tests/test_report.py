@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import random
 import re
 import shutil
@@ -137,6 +138,44 @@ def test_report_memory_stays_bounded_on_a_large_job(tmp_path):
     html = path.read_text()
     assert "15000 photos" in html and "input photo not readable now" in html
     assert sorted(p.name for p in tmp_path.iterdir()) == ["faces.jsonl", "report.html", "summary.json"]
+
+
+def test_pictures_stay_within_their_caps_on_a_large_job(tmp_path):
+    """20,000 records whose photos and thumbnails all exist (hard links to one photo of noise,
+    drawn at its own size of 320 px: the worst case for JPEG): at most 96 photos of at most
+    PICTURE_BYTES and 4 thumbnails beside each of at most THUMB_BYTES, embedded: a page under
+    the README's 7 MB, every picture a JPEG it shows."""
+    rng = random.Random(2)
+    noise = np.random.default_rng(2).integers(0, 256, (320, 320, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "noise.png")
+    Image.fromarray(noise[:182, :182]).save(tmp_path / "thumb.png")
+    records = [synthetic_record(i, i % 400, rng) for i in range(20_000)]
+    for r in records:
+        r["size"] = r["size"] and [320, 320]
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    for identity in range(400):
+        (inputs / f"id{identity:04d}").mkdir(parents=True)
+        (out / f"id{identity:04d}").mkdir(parents=True)
+    for r in records:
+        os.link(tmp_path / "noise.png", inputs / r["input"])
+        for w in r["written"]:
+            if not (out / w["output"]).exists():
+                os.link(tmp_path / "thumb.png", out / w["output"])
+    (out / "faces.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (out / "summary.json").write_text(json.dumps({"input_dir": str(inputs), "output_dir": str(out)}))
+    html = report.write_report(out).read_text()
+    embedded = {kind: [base64.b64decode(b) for b in re.findall(
+        rf'<img class="{kind}" [^>]*src="data:image/jpeg;base64,([^"]+)"', html)] for kind in ("photo", "thumb")}
+    photos, thumbs = embedded["photo"], embedded["thumb"]
+    print(f"\n{len(photos)} photos ({sum(map(len, photos)) / 1e6:.2f} MB), {len(thumbs)} thumbnails "
+          f"({sum(map(len, thumbs)) / 1e6:.2f} MB): a page of {len(html) / 1e6:.2f} MB")
+    assert 90 <= len(photos) <= 96 and 0 < len(thumbs) <= (report.SAMPLE + report.AMBIGUOUS) * report.THUMBS_PER_CARD
+    assert max(map(len, photos)) <= report.PICTURE_BYTES and max(map(len, thumbs)) <= report.THUMB_BYTES
+    assert len(html) < 7_000_000
+    for jpeg, side in [(p, report.PICTURE_SIDE) for p in photos] + [(t, report.THUMB_SIDE) for t in thumbs]:
+        with Image.open(io.BytesIO(jpeg)) as im:
+            assert im.format == "JPEG" and max(im.size) <= side
+    assert "input photo not readable now" not in html and " missing<" not in html
 
 
 def test_version_is_the_installed_packages():
