@@ -68,11 +68,16 @@ COPY_BYTES = 1 << 20                            # buffering of the assembled fil
 
 # --- names -----------------------------------------------------------------------------------------
 
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")       # a byte of a name that is not UTF-8 (surrogateescape)
+
+
 def sample_key(output: str) -> str:
     """The key of a face in the packed formats: its output name less the extension, with "%"
     and "." written %25 and %2E (WebDataset and Hugging Face split a member's name at the
-    first dot of its last component; a key holds none). `Ann.Lee/a.b.png` -> `Ann%2ELee/a%2Eb`."""
-    return output.rsplit(".", 1)[0].replace("%", "%25").replace(".", "%2E")
+    first dot of its last component; a key holds none), and each byte of the name that is not
+    UTF-8 as %XX (Hugging Face takes keys as UTF-8 text). `Ann.Lee/a.b.png` -> `Ann%2ELee/a%2Eb`."""
+    key = output.rsplit(".", 1)[0].replace("%", "%25").replace(".", "%2E")
+    return key if key.isascii() else _NOT_UTF8.sub(lambda m: f"%{ord(m.group()) - 0xDC00:02X}", key)
 
 
 def key_hash(key: str) -> int:
@@ -571,18 +576,24 @@ def _end_tar(shard: _TempFile) -> None:
 
 def sample_json(record: dict, written: dict, key: str, label: int) -> bytes:
     """A WebDataset sample's .json: its key and label, the input photo (its identity folder
-    and path under INPUT_DIR), the record's output name, and the face: its detection (box,
+    and path under INPUT_DIR), the record's output name (these three as _text), and the face: its detection (box,
     score, landmarks: input pixels), crop_box, and with --align arcface the matrix (input
     pixels -> thumbnail pixels) and template."""
     face = record["faces"][written["face"]]
-    meta = {"key": key, "label": label, "identity": record["input"].split("/", 1)[0],
-            "input": record["input"], "output": written["output"], "face": written["face"],
+    meta = {"key": key, "label": label, "identity": _text(record["input"].split("/", 1)[0]),
+            "input": _text(record["input"]), "output": _text(written["output"]), "face": written["face"],
             "box": face["box"], "score": face["score"], "landmarks": face["landmarks"],
             "crop_box": written["crop_box"]}
     for name in ("matrix", "template"):
         if name in written:
             meta[name] = written[name]
     return json.dumps(meta, separators=(",", ":")).encode()
+
+
+def _text(name: str) -> str:
+    """A file name as UTF-8 text: a byte that is not UTF-8 as `\\xNN` (Hugging Face refuses
+    the lone surrogates that stand for such bytes in Python's names)."""
+    return name if name.isascii() else name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def make_writer(config, output_dir: Path) -> Writer:

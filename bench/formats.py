@@ -37,13 +37,9 @@ def build_input(data: Path, copies: int, root: Path) -> tuple[Path, int]:
             dest = src / f"{identity.name}_{i}"
             dest.mkdir(parents=True)
             for photo in sorted(identity.iterdir()):
-                os.link(photo, dest / photo.name) if _same_fs(photo, root) else shutil.copyfile(photo, dest / photo.name)
+                shutil.copyfile(photo, dest / photo.name)
                 n += 1
     return src, n
-
-
-def _same_fs(a: Path, b: Path) -> bool:
-    return a.stat().st_dev == b.stat().st_dev
 
 
 def command(src: Path, out: Path, fmt: str, workers: int) -> list[str]:
