@@ -18,7 +18,7 @@ import pytest
 
 from conftest import SHARED
 from test_cli import (assert_same_tree, cli_env, describe, journal_dir, journal_lines, journal_records,
-                      kill_group, ok, one_error_line, read_jsonl, run_align, start_align, summary, wait_for)
+                      kill_group, ok, one_error_line, read_jsonl, records, run_align, start_align, summary, wait_for)
 
 psutil = pytest.importorskip("psutil", reason="psutil comes with distributed (the dask extra)")
 pytest.importorskip("distributed", reason="the dask extra is not installed")
