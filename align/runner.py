@@ -190,10 +190,10 @@ def _written_faces(output_dir: Path) -> Iterator[tuple[dict, dict]]:
                 yield record, written
 
 
-def _remove_empty_identities(output_dir: Path, tasks) -> None:
+def _remove_empty_identities(output_dir: Path, identities: list[str]) -> None:
     """The job's identity folders that hold nothing (no face found in any of the identity's
     photos, say): a loader would take each for a class without samples."""
-    for identity in {t.out_base.split("/", 1)[0] for t in tasks}:
+    for identity in identities:
         try:
             os.rmdir(output_dir / identity)
         except OSError:         # not empty, or not there
@@ -236,7 +236,8 @@ def _run(config, engine, input_dir, output_dir, output_arg, state, finished, fou
         job = walk(input_dir, output_dir)
     except LinkIntoOutput as e:
         raise OptionsError(str(e)) from None
-    for identity in sorted({t.out_base.split("/")[0] for t in job.tasks}):
+    identities = sorted({t.out_base.split("/", 1)[0] for t in job.tasks})    # output folders
+    for identity in identities:
         folder = output_dir / identity
         if folder.exists() and not folder.is_dir():
             raise JobError(f"{folder} is a file, where identity {identity}'s thumbnails go: "
@@ -289,6 +290,6 @@ def _run(config, engine, input_dir, output_dir, output_arg, state, finished, fou
     }
     write_summary(output_dir, summary)
     report_or_warn(output_dir, config)
-    _remove_empty_identities(output_dir, job.tasks)
+    _remove_empty_identities(output_dir, identities)
     state.remove()          # the run is finished: OUTPUT_DIR is a training set as it stands
     return summary
