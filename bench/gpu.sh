@@ -24,7 +24,7 @@ exec > >(tee "$OUT/gpu.log") 2>&1
 T0=$SECONDS
 KERAS_BACKEND=torch $PYTHON -c "import keras" 2>/dev/null || $PYTHON -m pip install -q --no-index --no-deps \
     --no-compile --no-cache-dir --upgrade --target /tmp/site $D/whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2 ALIGN_WEIGHTS_DIR=${ALIGN_WEIGHTS_DIR:-$PWD/$D/weights}
 [ -e align/_native.cpython-312-x86_64-linux-gnu.so ] || cp $D/native/*.so align/ 2>/dev/null
 $PYTHON -c "import align.native as n; print('C kernels:', 'yes' if n.LIB else 'no (numpy)')"
 nvidia-smi -L 2>/dev/null; nproc

@@ -76,8 +76,10 @@ def compare(cpu_out: Path, out: Path, by_name: bool) -> dict:
             for a, b in zip(r["faces"], ref["faces"]):
                 deltas.append(np.abs(np.subtract(a["box"], b["box"])).max())
             for a, b in zip(r["written"], ref["written"]):
-                thumbs += 1
                 mine, theirs = out / a["output"], cpu_out / b["output"]
+                if not theirs.exists():     # the bundle keeps a fifth of lfw_gwb's (64 MiB)
+                    continue
+                thumbs += 1
                 if mine.read_bytes() == theirs.read_bytes():
                     identical += 1
                 elif (p := _pixels(mine)).shape == (q := _pixels(theirs)).shape:
