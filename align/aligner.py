@@ -5,6 +5,7 @@ writing a batch behind it, each on a thread of its own, so the nets wait for nei
 """
 from __future__ import annotations
 
+import hashlib
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,6 +19,7 @@ from align.dataset import Shard, Task
 from align.detect import Detector, Faces, TooCostly, cost_refusal
 from align.imageio import NotAnImage, UnreadableImage, decode_image, encode_image
 from align.records import Journal, is_transient, needs_work
+from align.splits import split_of, split_of_identity
 from align.warp import face_transform, footprint, warp
 from align.writers import make_writer
 
@@ -25,20 +27,22 @@ BATCH = 16                      # images per detect_batch call, at most
 MAX_BATCH_PIXELS = 20_000_000   # decoded pixels per batch: a batch lives in up to 3 stages
 
 Progress = Callable[[int, int, int], None]      # (images, faces written, failures)
+_NOTHING_READ = hashlib.sha256().digest()       # a file that could not be opened, or is empty
 
 
 class ShardCancelled(Exception):
     """The shard's results are no longer wanted (its run is gone): nothing more was written."""
 
 
-def _read(path: Path) -> tuple[np.ndarray | None, str | None, str | None]:
+def _read(path: Path, hasher=None) -> tuple[np.ndarray | None, str | None, str | None]:
     """(image, None, None), or (None, status, reason) when it cannot be used now. PIL's
     warnings about the file (a decompression bomb, corrupt EXIF) are not printed: what they
-    mean is in the record. (Only the shard's one reader thread calls this.)"""
+    mean is in the record. `hasher` (hashlib) is fed the file's bytes when they are read.
+    (Only the shard's one reader thread calls this.)"""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return decode_image(path), None, None
+            return decode_image(path, hasher=hasher), None, None
     except UnreadableImage as e:
         if is_transient(e):     # vanished, not readable now, an I/O error: retried
             return None, "error", str(e)
@@ -57,13 +61,27 @@ def error_record(task: Task, config: Config, reason: str) -> dict:
     return image_record(task, config, "error", reason, None)
 
 
+def task_split(task: Task, config: Config, digest: bytes | None = None) -> str | None:
+    """The split of a task (align/splits.py): of its identity's name, or of its photo's bytes
+    (`digest`, their sha256; None: not read, no split); None without --split."""
+    if config.split is None:
+        return None
+    if config.split_by == "identity":
+        return split_of_identity(task.rel.split("/", 1)[0], config.split_seed, config.split)
+    return None if digest is None else split_of(digest, config.split_seed, config.split)
+
+
 def image_record(task: Task, config: Config, status: str, reason: str | None,
-                 image: np.ndarray | None) -> dict:
+                 image: np.ndarray | None, split: str | None = None) -> dict:
+    split = split or task_split(task, config)
+    top = f"{split}/" if split else ""
     record = {"input": task.rel, "status": status, "reason": reason,
               "size": None if image is None else [image.shape[1], image.shape[0]],
-              "output": f"{task.out_base}{config.extension}", "faces": [], "written": []}
+              "output": f"{top}{task.out_base}{config.extension}", "faces": [], "written": []}
     if task.natural is not None:    # facenet's name could not be used (align.dataset says why)
         record["natural_output"] = f"{task.natural}{config.extension}"
+    if split:
+        record["split"] = split
     return record
 
 
@@ -82,10 +100,12 @@ class Aligner:
         self.output_dir = Path(output_dir)
         self.detector = detector or Detector()
         self.writer = make_writer(config, self.output_dir)
+        self._splits: dict[str, str] = {}     # input path -> split, from the reader to the writer
 
-    def output_name(self, task: Task, face: int | None = None) -> str:
+    def output_name(self, task: Task, face: int | None = None, split: str | None = None) -> str:
         suffix = "" if face is None else f"_{face}"
-        return f"{task.out_base}{suffix}{self.config.extension}"
+        top = f"{split}/" if split else ""
+        return f"{top}{task.out_base}{suffix}{self.config.extension}"
 
     def run_shard(self, shard: Shard, journal: Journal, legacy_outputs: bool = False,
                   progress: Progress | None = None,
@@ -124,7 +144,10 @@ class Aligner:
         returns [(task, image, status, reason)] and the index of the first task left."""
         batch, pixels, i = [], 0, start
         while i < len(tasks) and len(batch) < BATCH and pixels < MAX_BATCH_PIXELS:
-            image, status, reason = _read(self.input_dir / tasks[i].rel)
+            hasher = hashlib.sha256() if self.config.split and self.config.split_by == "photo" else None
+            image, status, reason = _read(self.input_dir / tasks[i].rel, hasher)
+            if hasher and status != "error" and hasher.digest() != _NOTHING_READ:
+                self._splits[tasks[i].rel] = task_split(tasks[i], self.config, hasher.digest())
             if image is not None:
                 refusal = cost_refusal(*image.shape[:2], self.config.detect_params)
                 if refusal:         # the photo's size under these options: permanent
@@ -158,7 +181,7 @@ class Aligner:
 
     def _record(self, task: Task, status: str, reason: str | None,
                 image: np.ndarray | None) -> dict:
-        return image_record(task, self.config, status, reason, image)
+        return image_record(task, self.config, status, reason, image, self._splits.pop(task.rel, None))
 
     def _write(self, results, sink, journal: Journal, progress: Progress | None) -> list[dict]:
         """Thumbnails of one batch handed to the writer's `sink` and made durable, then its
@@ -193,7 +216,7 @@ class Aligner:
                 thumb, fields = self._warped(image, faces.landmarks[i])
             if thumb is None:
                 continue
-            name = self.output_name(task, n if multiple else None)
+            name = self.output_name(task, n if multiple else None, record.get("split"))
             sink.add(name, encode_image(thumb, self.config.format))
             record["written"].append({"face": i, **fields, "output": name})
         if len(faces) and not record["written"]:

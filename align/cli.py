@@ -14,6 +14,7 @@ import click
 from click.core import ParameterSource
 
 from align.config import ALIGN_DEFAULTS, ALIGNS, Config, ENGINES, FORMATS, MAX_TAR_SHARD_MB, OUTPUT_FORMATS
+from align.splits import SPLIT_BY, parse_splits
 
 DEFAULTS = Config()
 BOOL_WORDS = {"true", "false", "1", "0", "yes", "no"}
@@ -78,6 +79,15 @@ def _thresholds(ctx, param, value: str) -> tuple[float, float, float]:
     return t
 
 
+def _splits(ctx, param, value: str | None):
+    if value is None:
+        return None
+    try:
+        return parse_splits(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e))
+
+
 def _opt(*names, **kw):
     """An option under facenet's underscore spelling and the hyphenated one."""
     spellings = dict.fromkeys([names[0], names[0].replace("_", "-")])
@@ -135,6 +145,17 @@ def _opt(*names, **kw):
            "shards faces-000000.tar, ... of <key>.png, <key>.cls, <key>.json.")
 @_opt("--tar_shard_mb", type=click.IntRange(1, MAX_TAR_SHARD_MB), default=DEFAULTS.tar_shard_mb,
       help="--output_format webdataset: the size a tar shard stays under, MB.")
+@_opt("--split", metavar="NAME=FRACTION,...", default=None, callback=_splits,
+      help="Write one tree per split, OUTPUT_DIR/<split>/<identity>/<thumbnail>, e.g. "
+           "train=0.8,validation=0.1,test=0.1 (fractions of the photos, summing to 1). A "
+           "photo's split depends only on its bytes (or its identity's name), the fractions "
+           "and --split_seed. --output_format folders only.")
+@_opt("--split_by", type=click.Choice(SPLIT_BY), default=DEFAULTS.split_by,
+      help="photo: every identity in every split (for a classifier; identities with too few "
+           "photos go to OUTPUT_DIR/held_out). identity: no identity in two splits (for "
+           "verification sets).")
+@_opt("--split_seed", type=int, default=DEFAULTS.split_seed,
+      help="Seed mixed into the split hash: another seed, another split.")
 @_opt("--overwrite", is_flag=True, default=False, help="Start over instead of resuming.")
 @_opt("--quiet", "-q", is_flag=True, default=False, help="Print nothing but errors.")
 @click.option("--report/--no-report", default=DEFAULTS.report, show_default=True,

@@ -7,6 +7,8 @@ import os
 import re
 from dataclasses import dataclass, field
 
+from align.splits import SPLIT_BY, Splits, check_splits, parse_splits
+
 
 FORMATS = ("png", "jpg")
 ENGINES = ("local", "dask")
@@ -108,7 +110,11 @@ class Config:
     (align/nets_server.py; the local engine only); output_format: "folders" (a thumbnail file
     per face), "rec" (train.rec and train.idx, MXNet's indexed RecordIO, as arcface_torch
     reads it) or "webdataset" (tar shards), see align/writers.py; tar_shard_mb: webdataset
-    only, the size a tar shard stays under, MB (10^6 bytes; one sample at least)."""
+    only, the size a tar shard stays under, MB (10^6 bytes; one sample at least);
+    split: None, or ((name, fraction of the photos), ...) (or its text,
+    "train=0.8,validation=0.1,test=0.1"): thumbnails go to OUTPUT_DIR/<split>/<identity>/
+    (align/splits.py); split_by: "photo" (a photo's split from its bytes) or "identity" (from
+    its identity folder's name: no identity in two splits); split_seed: mixed into the hash."""
     image_size: int | None = None
     margin: int | None = None
     detect_multiple_faces: bool = False
@@ -128,6 +134,9 @@ class Config:
     device: str | None = None
     output_format: str = "folders"
     tar_shard_mb: int = 256
+    split: Splits | str | None = None
+    split_by: str = "photo"
+    split_seed: int = 0
 
     def __post_init__(self):
         if self.align not in ALIGNS:
@@ -162,6 +171,17 @@ class Config:
             raise ValueError("--device is for the local engine (one nets process on this machine)")
         if self.scheduler and self.engine != "dask":
             raise ValueError("a scheduler address is for the dask engine (--engine dask)")
+        if isinstance(self.split, str):
+            object.__setattr__(self, "split", parse_splits(self.split))
+        elif self.split is not None:
+            object.__setattr__(self, "split", check_splits(self.split))
+        if self.split_by not in SPLIT_BY:
+            raise ValueError(f"split_by must be one of {SPLIT_BY}, not {self.split_by!r}")
+        if not isinstance(self.split_seed, int) or isinstance(self.split_seed, bool):
+            raise ValueError(f"split_seed must be an integer, not {self.split_seed!r}")
+        if self.split is not None and self.output_format != "folders":
+            raise ValueError(f"--split writes folder trees: --output_format {self.output_format} "
+                             f"with splits is not supported yet")
         object.__setattr__(self, "thresholds", tuple(float(t) for t in self.thresholds))
         object.__setattr__(self, "min_face_size", float(self.min_face_size))   # as the CLI gives it
         self.detect_params  # validates the detector's parameters too

@@ -104,7 +104,7 @@ def sniff(path: PathArg) -> str | None:
             return None
 
 
-def decode_image(path: PathArg, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+def decode_image(path: PathArg, max_pixels: int = MAX_PIXELS, hasher=None) -> np.ndarray:
     """The image in the file as an HxWx3 uint8 RGB array (H, W in pixels, after EXIF rotation).
 
     - The EXIF orientation is applied (PIL.ImageOps.exif_transpose); EXIF that cannot be
@@ -122,11 +122,21 @@ def decode_image(path: PathArg, max_pixels: int = MAX_PIXELS) -> np.ndarray:
 
     Every failure of the file raises UnreadableImage (NotAnImage when it holds no image) with
     a one-line reason. MemoryError, which says nothing about the file, passes through.
+
+    hasher: a hashlib object (sha256()) that is fed the file's bytes (all read first, then
+    decoded from memory), before any decoding fails: a file that opens is hashed.
     """
     f, size = _open_file(path)
     with f:
         if size == 0:
             raise NotAnImage("empty file (0 bytes)")
+        if hasher is not None:
+            try:
+                data = f.read()
+            except OSError as e:
+                raise UnreadableImage(_reason(e)) from e
+            hasher.update(data)
+            f = io.BytesIO(data)
         try:
             with Image.open(f) as im:
                 width, height = im.size

@@ -23,6 +23,7 @@ from align.durable import TEMP_PREFIX, TEMP_SUFFIX
 from align.engines import Interrupted, JobError, OptionsError, make_engine  # noqa: F401 (API)
 from align.records import BOXES, RECORDS, SUMMARY, Journal, RecordIndex, StateDir, finished_summary, write_summary
 from align.report import REPORT, report_or_warn
+from align.splits import fold_splits, format_splits, parse_splits, top_folders
 from align.worker import ShardJob
 from align.writers import labels_of, make_writer, packed_files
 from facenet_nets import backend_name
@@ -65,14 +66,19 @@ def _os_error(e: OSError, output_dir: Path) -> JobError:
     return JobError(f"{what}{where}: {todo}")
 
 
-def _remove_stale_temporaries(output_dir: Path) -> None:
-    """Temporary files of writes that a killed run left half-done (never renamed into place)."""
-    for folder in [output_dir, *(p for p in output_dir.iterdir() if p.is_dir())]:
+def _remove_stale_temporaries(output_dir: Path, depth: int = 1) -> None:
+    """Temporary files of writes that a killed run left half-done (never renamed into place),
+    in OUTPUT_DIR and its folders `depth` levels down (2: split trees)."""
+    folders, level = [output_dir], [output_dir]
+    for _ in range(depth):
+        level = [p for f in level for p in f.iterdir() if p.is_dir()]
+        folders += level
+    for folder in folders:
         for tmp in folder.glob(f"{TEMP_PREFIX}*{TEMP_SUFFIX}"):
             tmp.unlink(missing_ok=True)
 
 
-def _remove_unjournaled_outputs(output_dir: Path, tasks) -> None:
+def _remove_unjournaled_outputs(output_dir: Path, tasks, tops=("",)) -> None:
     """--overwrite: thumbnails a killed run renamed into place but did not journal yet are
     not in the records the start-over deletes; remove every file named as some task's output
     could be, under any option (`<out_base>[_<face>].<format>`)."""
@@ -81,10 +87,10 @@ def _remove_unjournaled_outputs(output_dir: Path, tasks) -> None:
         identity, stem = t.out_base.split("/", 1)
         stems.setdefault(identity, set()).add(stem)
     extensions = tuple("." + f for f in FORMATS)
-    for identity, names in stems.items():
-        if not (output_dir / identity).is_dir():
+    for (identity, names), top in itertools.product(stems.items(), tops):
+        if not (output_dir / top / identity).is_dir():
             continue
-        for entry in os.scandir(output_dir / identity):
+        for entry in os.scandir(output_dir / top / identity):
             stem, ext = os.path.splitext(entry.name)
             if ext not in extensions or not entry.is_file(follow_symlinks=False):
                 continue
@@ -190,14 +196,21 @@ def _written_faces(output_dir: Path) -> Iterator[tuple[dict, dict]]:
                 yield record, written
 
 
-def _remove_empty_identities(output_dir: Path, identities: list[str]) -> None:
+def _remove_empty_identities(output_dir: Path, identities: list[str], tops=("",)) -> None:
     """The job's identity folders that hold nothing (no face found in any of the identity's
-    photos, say): a loader would take each for a class without samples."""
-    for identity in identities:
-        try:
-            os.rmdir(output_dir / identity)
-        except OSError:         # not empty, or not there
-            pass
+    photos, say): a loader would take each for a class without samples. `tops`: the folders
+    that hold identity folders (the split trees and held_out, then removed when empty too)."""
+    for top in tops:
+        for identity in identities:
+            try:
+                os.rmdir(output_dir / top / identity)
+            except OSError:         # not empty, or not there
+                pass
+        if top:
+            try:
+                os.rmdir(output_dir / top)
+            except OSError:
+                pass
 
 
 def _run(config, engine, input_dir, output_dir, output_arg, state, finished, found_outputs,
@@ -206,6 +219,10 @@ def _run(config, engine, input_dir, output_dir, output_arg, state, finished, fou
     options["thresholds"] = list(options["thresholds"])
     if config.output_format == "webdataset":
         options["tar_shard_mb"] = config.tar_shard_mb
+    if config.split is not None:        # absent without --split: the options of earlier runs
+        options.update(split=format_splits(config.split), split_by=config.split_by,
+                       split_seed=config.split_seed)
+    tops = top_folders(config.split)
     writer = make_writer(config, output_dir)
     previous = state.options()
     if previous is None and finished is not None:
@@ -218,7 +235,8 @@ def _run(config, engine, input_dir, output_dir, output_arg, state, finished, fou
         _start_over(output_dir, state)
         legacy_outputs = False
     elif previous is not None and previous != options:
-        diff = ", ".join(f"{k} {previous.get(k)} -> {v}" for k, v in options.items() if previous.get(k) != v)
+        diff = ", ".join(f"{k} {previous.get(k)} -> {options.get(k)}" for k in dict.fromkeys([*options, *previous])
+                         if previous.get(k) != options.get(k))
         raise OptionsError(f"{output_dir} was aligned with other options ({diff}): rerun with the "
                        f"same options to resume, or add --overwrite to start over")
     state.set_options(options)
@@ -228,9 +246,12 @@ def _run(config, engine, input_dir, output_dir, output_arg, state, finished, fou
         raise OptionsError(f"{output_dir} holds files align_dataset did not write (facenet's "
                            f"thumbnails?): --output_format {config.output_format} needs an empty "
                            f"OUTPUT_DIR, or one of its own runs")
+    if legacy_outputs and config.split is not None:
+        raise OptionsError(f"{output_dir} holds files align_dataset did not write (facenet's "
+                           f"thumbnails?): --split needs an empty OUTPUT_DIR, or one of its own runs")
     if legacy_outputs:
         state.legacy_marker.touch()
-    _remove_stale_temporaries(output_dir)
+    _remove_stale_temporaries(output_dir, 2 if config.split else 1)
 
     try:
         job = walk(input_dir, output_dir)
@@ -243,7 +264,8 @@ def _run(config, engine, input_dir, output_dir, output_arg, state, finished, fou
             raise JobError(f"{folder} is a file, where identity {identity}'s thumbnails go: "
                            f"move it away, then rerun the same command")
     if config.overwrite:
-        _remove_unjournaled_outputs(output_dir, job.tasks)
+        earlier = top_folders(parse_splits(previous["split"])) if previous and previous.get("split") else []
+        _remove_unjournaled_outputs(output_dir, job.tasks, dict.fromkeys([*tops, *earlier]))
     # the last finished run's records, under the journals (none when it was facenet's folder)
     base = output_dir / RECORDS if previous is not None and not config.overwrite else None
     index = RecordIndex(job.tasks, state, output_arg, base, writer.packed)   # where each task's record lies
@@ -265,6 +287,7 @@ def _run(config, engine, input_dir, output_dir, output_arg, state, finished, fou
     index.update(shards)
     counts = index.merge(output_dir)        # faces.jsonl and bounding_boxes.txt, in input order
     labels = labels_of(index.identities_written())
+    splits = fold_splits(output_dir, output_arg, config.split, config.split_by) if config.split else None
     if writer.packed and not (unchanged and not shards and writer.complete()):
         writer.assemble(state.root, _written_faces(output_dir), labels)
     # from every worker holding its nets (they start together) to the last shard's records
@@ -288,8 +311,11 @@ def _run(config, engine, input_dir, output_dir, output_arg, state, finished, fou
         "peak_rss_mb": round(_peak_rss_mb(), 1),
         "options": options, "legacy_outputs": legacy_outputs,
     }
+    if splits is not None:      # classes: the identities of the split trees
+        summary["num_classes"] = splits.pop("num_classes")
+        summary["splits"] = splits
     write_summary(output_dir, summary)
     report_or_warn(output_dir, config)
-    _remove_empty_identities(output_dir, identities)
+    _remove_empty_identities(output_dir, identities, tops)
     state.remove()          # the run is finished: OUTPUT_DIR is a training set as it stands
     return summary
