@@ -596,6 +596,26 @@ def write_report(output_dir, min_aligned: int = MIN_ALIGNED) -> Path:
         return _write_report(Path(output_dir), min_aligned)
 
 
+def _splits_section(splits: dict | None) -> list[tuple[str, str, str]]:
+    """The "Splits" section of a run with --split: per split the fraction asked and obtained
+    (of the photos read), photos, faces and identities in its tree; the held-out count."""
+    if not splits:
+        return []
+    rows = [(name, f"{splits['fractions'].get(name, 0):g}", v["fraction"], v["photos"], v["faces"], v["identities"])
+            for name, v in splits["splits"].items()]
+    held = splits.get("held_out") or {}
+    note = (f"<p>Split by {_esc(splits.get('by'))}: a photo's split depends only on "
+            + ("its bytes" if splits.get("by") == "photo" else "its identity's name")
+            + " and --split_seed, so photos added later never move one already written; the "
+            "fractions obtained differ from those asked by chance.</p>")
+    if splits.get("by") == "photo":
+        note += (f"<p>{held.get('identities', 0)} identities held out ({held.get('photos', 0)} photos, "
+                 f"{held.get('faces', 0)} faces, in OUTPUT_DIR/held_out): they have no face in some "
+                 f"split, so they are in none, and every split numbers the same classes.</p>")
+    return [("splits", "Splits", note + _table(rows, ("split", "fraction asked", "fraction obtained",
+                                                      "photos", "faces", "identities"), numeric=(1, 2, 3, 4, 5)))]
+
+
 def _write_report(output_dir: Path, min_aligned: int) -> Path:
     t0 = time.perf_counter()
     drawn = drawn_pictures(output_dir / REPORT)
@@ -663,6 +683,7 @@ def _write_report(output_dir: Path, min_aligned: int) -> Path:
             f'<div><h3>Versions</h3>{_table(_versions().items())}</div></div>'
             f'<p>INPUT_DIR {_esc(s.get("input_dir"))} → OUTPUT_DIR {_esc(s.get("output_dir"))}</p>')),
         ("charts", "Charts", '<div class="charts">' + "".join(charts(tally)) + "</div>"),
+        *_splits_section(s.get("splits")),
         ("sample", f"A sample of aligned photos ({len(sample)} of {tally.statuses['aligned']})",
          legend + '<div class="cards">' + "".join(_card(r, pictures[r["input"]])
                                                   for r in sample) + "</div>"),
