@@ -210,9 +210,16 @@ def _print_summary(s: dict, report_written: bool) -> None:
     click.echo(f"{s['images']} images: {s['aligned']} aligned, {s['no_face']} no face, "
                f"{s['unreadable']} unreadable, {s['skipped']} skipped{costly}{errors}; {s['faces_written']} "
                f"faces written in {s['wall_s']:.1f} s ({rate}). Records: {s['output_dir']}/faces.jsonl")
-    if s.get("packed"):
+    if s.get("packed") and s.get("splits"):
+        click.echo(f"Training files in {s['output_dir']}: {s['packed']}")
+    elif s.get("packed"):
         click.echo(f"Training files: {os.path.join(s['output_dir'], s['packed'])} ({s['num_classes']} "
                    f"classes, {s['faces_written']} faces)")
+    if s.get("splits"):
+        parts = ", ".join(f"{name} {v['faces']} faces of {v['identities']} identities ({v['fraction']:.1%} of the photos)"
+                          for name, v in s["splits"]["splits"].items() if v["fraction"] is not None)
+        held = s["splits"]["held_out"]
+        click.echo(f"Splits: {parts}; held out: {held['identities']} identities ({held['faces']} faces)")
     report = os.path.join(s["output_dir"], "report.html")
     if report_written and os.path.isfile(report):
         click.echo(f"Report: {report} (open it in a browser)")

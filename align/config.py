@@ -179,9 +179,6 @@ class Config:
             raise ValueError(f"split_by must be one of {SPLIT_BY}, not {self.split_by!r}")
         if not isinstance(self.split_seed, int) or isinstance(self.split_seed, bool):
             raise ValueError(f"split_seed must be an integer, not {self.split_seed!r}")
-        if self.split is not None and self.output_format != "folders":
-            raise ValueError(f"--split writes folder trees: --output_format {self.output_format} "
-                             f"with splits is not supported yet")
         object.__setattr__(self, "thresholds", tuple(float(t) for t in self.thresholds))
         object.__setattr__(self, "min_face_size", float(self.min_face_size))   # as the CLI gives it
         self.detect_params  # validates the detector's parameters too

@@ -362,7 +362,7 @@ def drawn_pictures(page: Path) -> dict[str, str]:
 
 def _make_pictures(records: list[dict], input_dir: Path, output_dir: Path,
                    drawn: dict[str, str], output_format: str = "folders",
-                   image_format: str = "png") -> dict[str, dict]:
+                   image_format: str = "png", split: str | None = None) -> dict[str, dict]:
     """{input path: {"key": picture key, "photo": data URI or None (the photo cannot be read
     now), "thumbs": [(written entry, data URI or None)]}} for the records shown; `drawn`:
     pictures and thumbnails to reuse, by key. The thumbnails not among them are read as the
@@ -374,7 +374,8 @@ def _make_pictures(records: list[dict], input_dir: Path, output_dir: Path,
                if thumb_key(r, n) not in drawn]
     stored = {}
     if missing:
-        writer = make_writer(Config(format=image_format, output_format=output_format, workers=1), output_dir)
+        writer = make_writer(Config(format=image_format, output_format=output_format, workers=1, split=split),
+                             output_dir)
         stored = writer.thumbnails(missing)
 
     def one(record: dict) -> dict:
@@ -632,7 +633,8 @@ def _write_report(output_dir: Path, min_aligned: int) -> Path:
     sample, ambiguous, no_face = tally.sample.items(), tally.ambiguous.items(), tally.no_face.items()
     no_face.sort(key=lambda r: r["input"])
     pictures = _make_pictures(sample + ambiguous + no_face, input_dir, output_dir, drawn,
-                              options.get("output_format", "folders"), options.get("format", "png"))
+                              options.get("output_format", "folders"), options.get("format", "png"),
+                              options.get("split"))
 
     few = sorted(((n, a, i) for i, (n, a) in tally.identities.items() if a < min_aligned),
                  key=lambda x: (x[1], -x[0], x[2]))

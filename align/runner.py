@@ -174,26 +174,28 @@ def align_dataset(input_dir, output_dir, config: Config | None = None, *, client
         raise _os_error(e, output_dir) from None
 
 
-def _start_over(output_dir: Path, state: StateDir) -> None:
-    """--overwrite: every thumbnail the records name, the packed files of any format, then
-    the records themselves."""
+def _start_over(output_dir: Path, state: StateDir, tops=("",)) -> None:
+    """--overwrite: every thumbnail the records name, the packed files of any format (in
+    OUTPUT_DIR or the `tops` folders of --split), then the records themselves."""
     finished = (r for chunk in Journal(output_dir / RECORDS).chunks() for _, _, r in chunk)
     for record in itertools.chain(finished, state.each_record()):
         for written in record.get("written", ()):
             (output_dir / written["output"]).unlink(missing_ok=True)
     state.reset()
-    for path in packed_files(output_dir):
+    for path in packed_files(output_dir, tops):
         path.unlink()
     for name in (RECORDS, BOXES, SUMMARY, REPORT):
         (output_dir / name).unlink(missing_ok=True)
 
 
-def _written_faces(output_dir: Path) -> Iterator[tuple[dict, dict]]:
-    """(record, written entry) of every face of faces.jsonl, in input order, streamed."""
+def _written_faces(output_dir: Path, top: str | None = None) -> Iterator[tuple[dict, dict]]:
+    """(record, written entry) of every face of faces.jsonl (under the folder `top`, with
+    --split), in input order, streamed."""
     for chunk in Journal(output_dir / RECORDS).chunks():
         for _, _, record in chunk:
             for written in record.get("written") or ():
-                yield record, written
+                if top is None or written["output"].startswith(top + "/"):
+                    yield record, written
 
 
 def _remove_empty_identities(output_dir: Path, identities: list[str], tops=("",)) -> None:
@@ -231,8 +233,9 @@ def _run(config, engine, input_dir, output_dir, output_arg, state, finished, fou
         previous.setdefault("align", "box")     # a run begun before --align existed
         previous.setdefault("output_format", "folders")     # ... or before --output_format
     legacy_outputs = state.legacy_marker.exists() or bool(finished and finished.get("legacy_outputs"))
+    earlier = top_folders(parse_splits(previous["split"])) if previous and previous.get("split") else []
     if config.overwrite:
-        _start_over(output_dir, state)
+        _start_over(output_dir, state, dict.fromkeys(["", *tops, *earlier]))
         legacy_outputs = False
     elif previous is not None and previous != options:
         diff = ", ".join(f"{k} {previous.get(k)} -> {options.get(k)}" for k in dict.fromkeys([*options, *previous])
@@ -264,7 +267,6 @@ def _run(config, engine, input_dir, output_dir, output_arg, state, finished, fou
             raise JobError(f"{folder} is a file, where identity {identity}'s thumbnails go: "
                            f"move it away, then rerun the same command")
     if config.overwrite:
-        earlier = top_folders(parse_splits(previous["split"])) if previous and previous.get("split") else []
         _remove_unjournaled_outputs(output_dir, job.tasks, dict.fromkeys([*tops, *earlier]))
     # the last finished run's records, under the journals (none when it was facenet's folder)
     base = output_dir / RECORDS if previous is not None and not config.overwrite else None
@@ -287,9 +289,15 @@ def _run(config, engine, input_dir, output_dir, output_arg, state, finished, fou
     index.update(shards)
     counts = index.merge(output_dir)        # faces.jsonl and bounding_boxes.txt, in input order
     labels = labels_of(index.identities_written())
-    splits = fold_splits(output_dir, output_arg, config.split, config.split_by) if config.split else None
+    splits = None
+    if config.split:
+        splits, tops_identities = fold_splits(output_dir, output_arg, config.split, config.split_by, writer.packed)
     if writer.packed and not (unchanged and not shards and writer.complete()):
-        writer.assemble(state.root, _written_faces(output_dir), labels)
+        if config.split:        # one set of files per split (and held_out), labelled per folder
+            writer.assemble_in(state.root, [(output_dir / top, _written_faces(output_dir, top),
+                                             labels_of(tops_identities.get(top, ()))) for top in tops])
+        else:
+            writer.assemble(state.root, _written_faces(output_dir), labels)
     # from every worker holding its nets (they start together) to the last shard's records
     processing_s = (ran.done_at - ran.ready_at) if ran else t_end - t_work
     summary = {

@@ -140,12 +140,14 @@ def _entries(path: Path) -> Iterator[tuple[int, bytes, dict]]:
         yield from chunk
 
 
-def fold_splits(output_dir: Path, output_arg: str, splits: Splits, by: str) -> dict:
+def fold_splits(output_dir: Path, output_arg: str, splits: Splits, by: str,
+                packed: bool = False) -> tuple[dict, dict[str, set[str]]]:
     """At the end of a run with splits, after the merge: hold out (or take back) the
     identities that (do not) cover every split (--split_by photo), rewrite faces.jsonl and
     bounding_boxes.txt where a record changes (atomically), move the thumbnails to where the
-    records say (a rename each, those already there left alone); returns the summary's
-    "splits" entry. Derived from faces.jsonl and the files on disk only: run again after a
+    records say (a rename each, those already there left alone; none with a `packed` output
+    format, whose files are assembled from the records after); returns the summary's
+    "splits" entry and {top folder: the identity folders (output names) with a face there}. Derived from faces.jsonl and the files on disk only: run again after a
     kill anywhere, it ends in the same tree."""
     from align.records import BOXES, RECORDS, bounding_box_lines, dumps
     names = [n for n, _ in splits]
@@ -171,9 +173,9 @@ def fold_splits(output_dir: Path, output_arg: str, splits: Splits, by: str) -> d
                 faces.write(line)
         with atomic_file(output_dir / BOXES, 1 << 20) as boxes:
             for _, _, record in _entries(output_dir / RECORDS):
-                boxes.write("".join(bounding_box_lines(record, output_arg)).encode("utf-8", "surrogateescape"))
+                boxes.write("".join(bounding_box_lines(record, output_arg, packed)).encode("utf-8", "surrogateescape"))
 
-    photos, faces, trees = Counter(), Counter(), defaultdict(set)
+    photos, faces, trees, tops = Counter(), Counter(), defaultdict(set), defaultdict(set)
     held_photos = held_faces = 0
     for _, _, record in _entries(output_dir / RECORDS):
         split = record.get("split")
@@ -189,7 +191,10 @@ def fold_splits(output_dir: Path, output_arg: str, splits: Splits, by: str) -> d
             if written:
                 trees[split].add(_identity(record))
         for w in written:
-            _put_in_place(output_dir, w["output"], split)
+            top, identity, _ = w["output"].split("/", 2)
+            tops[top].add(identity)
+            if not packed:
+                _put_in_place(output_dir, w["output"], split)
     total = sum(photos.values())
     return {
         "by": by, "fractions": dict(splits),
@@ -197,7 +202,7 @@ def fold_splits(output_dir: Path, output_arg: str, splits: Splits, by: str) -> d
                        "fraction": round(photos[n] / total, 4) if total else None} for n in names},
         "held_out": {"identities": len(held), "photos": held_photos, "faces": held_faces},
         "num_classes": len(set().union(*trees.values())),
-    }
+    }, dict(tops)
 
 
 def _put_in_place(output_dir: Path, output: str, split: str) -> None:

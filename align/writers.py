@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -51,6 +52,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from align.durable import TEMP_PREFIX, TEMP_SUFFIX, fsync_dir, write_atomic
+from align.splits import top_folders
 
 PARTS = "parts"                                 # in the state folder
 PREVIOUS = "previous"                           # ... and the packed files the assembly replaces
@@ -89,6 +91,13 @@ def key_hash(key: str) -> int:
 
 def identity_of(output: str) -> str:
     return output.split("/", 1)[0]
+
+
+def face_key(output: str, split: bool = False) -> str:
+    """The key of a face in the packed formats: sample_key of its output, less its top folder
+    (its split, or held_out) with --split (`split`): a face keeps its key when its identity
+    moves in or out of the splits, and its bytes are found by it in whichever files hold them."""
+    return sample_key(output.split("/", 1)[1] if split else output)
 
 
 def labels_of(identities: Iterable[str]) -> dict[str, int]:
@@ -262,8 +271,9 @@ class PartSink:
     made on the first add; commit fsyncs it. A failed add is cut off the file again (or, where
     even that fails, the next add starts another part), so every entry before it stays readable."""
 
-    def __init__(self, parts: Path, shard_key: str):
+    def __init__(self, parts: Path, shard_key: str, split: bool = False):
         self.parts, self.shard_key, self.fd, self.size = parts, shard_key, None, 0
+        self.split = split          # outputs under a top folder (--split): keys without it
 
     def add(self, output: str, data: bytes) -> None:
         if self.fd is None:
@@ -273,7 +283,7 @@ class PartSink:
             self.fd, _ = tempfile.mkstemp(dir=self.parts, prefix=f"{self.shard_key}-", suffix=".part")
             self.size = 0
             fsync_dir(self.parts)       # its name is durable before any journal line needs it
-        key = sample_key(output).encode("utf-8", "surrogateescape")
+        key = face_key(output, self.split).encode("utf-8", "surrogateescape")
         entry = _ENTRY.pack(len(key), len(data)) + key + data
         try:
             view = memoryview(entry)
@@ -362,6 +372,19 @@ class Writer:
     def __init__(self, config, output_dir: Path):
         self.config, self.output_dir = config, Path(output_dir)
         self.extension = config.extension
+        # --split: the packed files are in OUTPUT_DIR/<split>/ and held_out/, one set each
+        self.tops = top_folders(config.split) if getattr(config, "split", None) else None
+
+    def key(self, output: str) -> str:
+        return face_key(output, self.tops is not None)
+
+    def identity(self, output: str) -> str:
+        """The identity (output folder name) of a face's output."""
+        return output.split("/", 2)[1] if self.tops is not None else identity_of(output)
+
+    def folders(self) -> list[Path]:
+        """The folders that hold the packed files: OUTPUT_DIR, or each top folder of --split."""
+        return [self.output_dir] if self.tops is None else [self.output_dir / t for t in self.tops]
 
     @contextlib.contextmanager
     def shard(self, shard_key: str) -> Iterator:
@@ -422,7 +445,7 @@ class _PackedWriter(Writer):
     packed = True
 
     def _sink(self, shard_key: str):
-        return PartSink(self.state_parts, shard_key)
+        return PartSink(self.state_parts, shard_key, self.tops is not None)
 
     @property
     def state_parts(self) -> Path:
@@ -432,16 +455,28 @@ class _PackedWriter(Writer):
     def thumbnails(self, outputs: list[str]) -> dict[str, bytes]:
         sources = self.sources(None)
         try:
-            found = {o: sources.read(sample_key(o)) for o in outputs}
+            found = {o: sources.read(self.key(o)) for o in outputs}
         finally:
             sources.close()
         return {o: data for o, data in found.items() if data is not None}
 
     def assemble(self, state_root: Path, faces: Iterable[tuple[dict, dict]], labels: dict[str, int]) -> None:
+        self.assemble_in(state_root, [(self.output_dir, faces, labels)], empty=True)
+
+    def assemble_in(self, state_root: Path, jobs: list[tuple[Path, Iterable[tuple[dict, dict]], dict[str, int]]],
+                    empty: bool = False) -> None:
+        """assemble() into several folders (--split: one set of files per top folder), each
+        job (folder, its faces, its labels); a job without faces writes no file there unless
+        `empty` (then the format's files of no face)."""
         sources = self.sources(state_root)
         temps: list[tuple[Path, Path]] = []         # (temporary, final)
         try:
-            self._write(faces, labels, sources, temps)
+            for folder, faces, labels in jobs:
+                faces = iter(faces)
+                first = next(faces, None)
+                if first is not None or empty:
+                    folder.mkdir(parents=True, exist_ok=True)
+                    self._write(itertools.chain([first] if first else [], faces), labels, sources, temps, folder)
         except BaseException:
             for tmp, _ in temps:
                 tmp.unlink(missing_ok=True)
@@ -457,10 +492,11 @@ class _PackedWriter(Writer):
         fsync_dir(aside)
         for tmp, final in temps:
             os.replace(tmp, final)
-        fsync_dir(self.output_dir)
+        for folder in {final.parent for _, final in temps} | {self.output_dir}:
+            fsync_dir(folder)
 
     def _temporary(self, final: Path, temps: list) -> "_TempFile":
-        fd, tmp = tempfile.mkstemp(dir=self.output_dir, prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX)
+        fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX)
         temps.append((Path(tmp), final))
         os.fchmod(fd, 0o644)
         return _TempFile(fd)
@@ -498,33 +534,37 @@ class RecWriter(_PackedWriter):
     a face, as im2rec writes them (see README, "Train with arcface_torch")."""
 
     def files(self) -> list[Path]:
-        return [p for p in (self.output_dir / n for n in (REC, IDX, PROPERTY)) if p.exists()]
+        return [p for folder in self.folders() for p in (folder / n for n in (REC, IDX, PROPERTY)) if p.exists()]
 
     def complete(self) -> bool:
-        return len(self.files()) == 3
+        if self.tops is None:
+            return len(self.files()) == 3
+        return all(all((f / n).exists() for n in (REC, IDX, PROPERTY)) for f in self.folders() if f.is_dir())
 
     def _add_packed(self, sources: Sources, path: Path) -> None:
         if path.name.endswith(REC):
             sources.add(path, scan_rec(path), rec=True)
 
-    def _write(self, faces, labels, sources: Sources, temps: list) -> None:
-        rec = self._temporary(self.output_dir / REC, temps)
-        idx = self._temporary(self.output_dir / IDX, temps)
+    def _write(self, faces, labels, sources: Sources, temps: list, folder: Path) -> None:
+        rec = self._temporary(folder / REC, temps)
+        idx = self._temporary(folder / IDX, temps)
         for index, (_, written) in enumerate(faces):
-            key = sample_key(written["output"])
-            frame = rec_frame(rec_payload(labels[identity_of(written["output"])], index, key,
+            key = self.key(written["output"])
+            frame = rec_frame(rec_payload(labels[self.identity(written["output"])], index, key,
                                           self._image(sources, key)))
             idx.write(f"{index}\t{rec.size}\n".encode())
             rec.write(frame)
         rec.finish()
         idx.finish()
         size = self.config.image_size
-        prop = self._temporary(self.output_dir / PROPERTY, temps)
+        prop = self._temporary(folder / PROPERTY, temps)
         prop.write(f"{len(labels)},{size},{size}\n".encode())
         prop.finish()
 
     def describe(self) -> str | None:
-        return REC
+        if self.tops is None:
+            return REC
+        return ", ".join(f"{f.name}/{REC}" for f in self.folders() if (f / REC).exists()) or None
 
 
 class WebDatasetWriter(_PackedWriter):
@@ -533,22 +573,25 @@ class WebDatasetWriter(_PackedWriter):
     past tar_shard_mb (it holds one sample at least)."""
 
     def files(self) -> list[Path]:
-        return tar_shards(self.output_dir)
+        return [p for folder in self.folders() for p in tar_shards(folder)]
 
     def complete(self) -> bool:
-        shards = tar_shards(self.output_dir)
-        return [p.name for p in shards] == [TAR_NAME.format(i) for i in range(len(shards))]
+        for folder in self.folders():
+            shards = tar_shards(folder)
+            if [p.name for p in shards] != [TAR_NAME.format(i) for i in range(len(shards))]:
+                return False
+        return True
 
     def _add_packed(self, sources: Sources, path: Path) -> None:
         if path.name.endswith(".tar"):
             sources.add(path, scan_tar(path, self.extension))
 
-    def _write(self, faces, labels, sources: Sources, temps: list) -> None:
+    def _write(self, faces, labels, sources: Sources, temps: list, folder: Path) -> None:
         limit = self.config.tar_shard_mb * 1_000_000
         shard, number = None, 0
         for record, written in faces:
-            key = sample_key(written["output"])
-            label = labels[identity_of(written["output"])]
+            key = self.key(written["output"])
+            label = labels[self.identity(written["output"])]
             sample = b"".join((tar_member(key + self.extension, self._image(sources, key)),
                                tar_member(key + ".cls", str(label).encode()),
                                tar_member(key + ".json", sample_json(record, written, key, label))))
@@ -556,15 +599,20 @@ class WebDatasetWriter(_PackedWriter):
                 _end_tar(shard)
                 shard = None
             if shard is None:
-                shard = self._temporary(self.output_dir / TAR_NAME.format(number), temps)
+                shard = self._temporary(folder / TAR_NAME.format(number), temps)
                 number += 1
             shard.write(sample)
         if shard is not None:
             _end_tar(shard)
 
     def describe(self) -> str | None:
-        n = len(tar_shards(self.output_dir))
-        return f"faces-{{000000..{n - 1:06d}}}.tar" if n else None
+        described = []
+        for folder in self.folders():
+            n = len(tar_shards(folder))
+            if n:
+                top = "" if self.tops is None else f"{folder.name}/"
+                described.append(f"{top}faces-{{000000..{n - 1:06d}}}.tar")
+        return ", ".join(described) or None
 
 
 def _end_tar(shard: _TempFile) -> None:
@@ -601,6 +649,9 @@ def make_writer(config, output_dir: Path) -> Writer:
     return {"folders": Writer, "rec": RecWriter, "webdataset": WebDatasetWriter}[config.output_format](config, output_dir)
 
 
-def packed_files(output_dir: Path) -> list[Path]:
-    """Every packed file of any format in OUTPUT_DIR (what --overwrite removes)."""
-    return [output_dir / n for n in (REC, IDX, PROPERTY) if (output_dir / n).exists()] + tar_shards(output_dir)
+def packed_files(output_dir: Path, tops: Iterable[str] = ("",)) -> list[Path]:
+    """Every packed file of any format in OUTPUT_DIR, or in its `tops` folders (--split's: the
+    splits and held_out; what --overwrite removes)."""
+    folders = [output_dir / t for t in tops]
+    return [f / n for f in folders for n in (REC, IDX, PROPERTY) if (f / n).exists()] + \
+        [p for f in folders if f.is_dir() for p in tar_shards(f)]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
+import re
 import shutil
 from collections import defaultdict
 from pathlib import Path
@@ -132,6 +132,10 @@ def assert_split_training_set(out: Path, names: list[str]) -> None:
         identities = list((out / split).iterdir())
         assert identities, f"{split} is empty"
         for folder in identities:
+            if folder.is_file():        # a packed format's files
+                assert folder.name in ("train.rec", "train.idx", "property") or \
+                    re.fullmatch(r"faces-\d{6}\.tar", folder.name), folder
+                continue
             inside = list(folder.iterdir())
             assert inside and all(p.is_file() and not p.name.startswith(".") for p in inside), folder
 
@@ -268,5 +272,63 @@ def test_other_split_options_are_refused(runs, inputs, tmp_path):
     for bad in ("train=0.5,test=0.4", "held_out=0.5,test=0.5", "a=1,a=0"):
         p = run_align(inputs["full"], tmp_path / "new", "--split", bad)
         assert p.returncode == 2 and p.stderr.startswith("Error:"), p.stderr
-    p = run_align(inputs["full"], tmp_path / "rec", "--split", SPLITS, "--output_format", "rec")
-    assert p.returncode == 2, p.stderr
+
+
+# --- packed formats: one set of files per split ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def packed(inputs, tmp_path_factory) -> dict[str, Path]:
+    """{name: OUTPUT_DIR}: "wds" (webdataset, one run on the full input), "wds_grown" (the
+    partial input, then the full one: Dan's thumbnails move from held_out's shards into the
+    splits'), "rec" (--split_by identity, rec)."""
+    root = tmp_path_factory.mktemp("split_packed")
+    out = {name: root / name for name in ("wds", "wds_grown", "rec")}
+    ok(run_align(inputs["full"], out["wds"], *COMMON, "--output_format", "webdataset"))
+    ok(run_align(inputs["partial"], out["wds_grown"], *COMMON, "--output_format", "webdataset"))
+    ok(run_align(inputs["full"], out["wds_grown"], *COMMON, "--output_format", "webdataset"))
+    ok(run_align(inputs["full"], out["rec"], "--split", "train=0.5,test=0.5", "--split_by", "identity",
+                 "--output_format", "rec", "--image_size", 32, "--workers", 1, "--quiet"))
+    return out
+
+
+def test_webdataset_shards_per_split_label_alike(packed, runs):
+    out = packed["wds"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(TOP | {*NAMES, HELD_OUT})
+    tops = [out / n for n in NAMES] + [out / HELD_OUT]
+    results = loaders.run_paths("webdataset", tops)
+    recs = records(out)
+    assert recs == records(runs["full"])            # the records are the same in every format
+    labels = {}
+    for top, result in zip(tops, results):
+        assert result["error"] is None and result["decode_errors"] == [], (top, result["error"])
+        expected = sorted(w["output"].split("/", 1)[1].rsplit(".", 1)[0] for r in recs for w in r["written"]
+                          if w["output"].startswith(top.name + "/"))
+        assert sorted(k for k, *_ in result["samples"]) == expected, top
+        labels[top.name] = {key.split("/")[0]: label for key, label, *_ in result["samples"]}
+    assert [labels[n] for n in NAMES] == [{"Ann": 0, "Bob": 1, "Cid": 2, "Dan": 3}] * 3
+    assert labels[HELD_OUT] == {"Eve": 0}
+    for top, result in zip(tops, results):      # the pixels are the folders layout's thumbnails
+        for key, _, h, w, sha in result["samples"]:
+            assert loaders.file_pixels(runs["full"] / top.name / f"{key}.png") == (h, w, sha)
+
+
+def test_webdataset_with_photos_added_is_one_runs_bytes(packed):
+    assert_same_tree_of_splits(packed["wds"], packed["wds_grown"])
+
+
+def test_rec_per_split_with_the_identity_split(packed):
+    from align.writers import IR_HEADER, rec_unframe
+    out = packed["rec"]
+    recs = records(out)
+    for split in ("train", "test"):
+        identities = sorted({r["input"].split("/")[0] for r in recs if r["split"] == split})
+        if not identities:
+            continue
+        assert (out / split / "property").read_text() == f"{len(identities)},32,32\n"
+        data, labels = (out / split / "train.rec").read_bytes(), []
+        for line in (out / split / "train.idx").read_text().splitlines():
+            payload, _ = rec_unframe(data[int(line.split("\t")[1]):])
+            labels.append(int(IR_HEADER.unpack_from(payload)[1]))
+        expected = [identities.index(r["input"].split("/")[0]) for r in recs if r["split"] == split
+                    for _ in r["written"]]
+        assert labels == expected, split
