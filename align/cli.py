@@ -149,7 +149,7 @@ def _opt(*names, **kw):
       help="Write one tree per split, OUTPUT_DIR/<split>/<identity>/<thumbnail>, e.g. "
            "train=0.8,validation=0.1,test=0.1 (fractions of the photos, summing to 1). A "
            "photo's split depends only on its bytes (or its identity's name), the fractions "
-           "and --split_seed. --output_format folders only.")
+           "and --split_seed. With rec or webdataset: one set of files in each OUTPUT_DIR/<split>/.")
 @_opt("--split_by", type=click.Choice(SPLIT_BY), default=DEFAULTS.split_by,
       help="photo: every identity in every split (for a classifier; identities with too few "
            "photos go to OUTPUT_DIR/held_out). identity: no identity in two splits (for "

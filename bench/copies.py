@@ -1,6 +1,6 @@
 """How many near-copies (re-encoded, resized) a perceptual hash of the aligned faces would pair up.
 
-Usage: python bench/copies.py [PHOTOS_DIR] [--photos N] [--out bench/out/copies]
+Usage: python bench/copies.py [PHOTOS_DIR] [--photos N] [--align box|arcface] [--out bench/out/copies]
 
 Takes N real photos of PHOTOS_DIR/<identity>/ (default ../shared/faces/lfw_gwb: 530 photos of
 one person, so every pair of distinct photos is a "same identity" pair, the hardest case for
@@ -10,8 +10,9 @@ resized (0.5, 0.65, 0.8 of each side, saved as JPEG quality 95), aligns the lot 
 perceptual hash (pHash, as imagehash.phash: gray, 32x32 Lanczos, 2-D DCT-II, the 8x8 lowest
 frequencies against their median) of every aligned thumbnail, and prints, per Hamming distance
 threshold: the share of (original, copy) pairs it would catch, per kind of copy, and the
-pairs of distinct originals it would pair up (false pairs). Also: how many copies the split by
-bytes put in another split than their original (what a hash would prevent).
+pairs of distinct originals it would pair up (false pairs); then the same for the hash of the
+whole input photo, for comparison. Also: how many copies the split by bytes put in another
+split than their original (what a hash would prevent).
 """
 from __future__ import annotations
 
@@ -78,6 +79,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("photos", nargs="?", default=str(SHARED / "faces" / "lfw_gwb"))
     ap.add_argument("--photos", dest="n", type=int, default=60)
+    ap.add_argument("--align", default="box", choices=("box", "arcface"))
     ap.add_argument("--out", default=str(REPO / "bench" / "out" / "copies"))
     args = ap.parse_args()
     out = Path(args.out)
@@ -89,27 +91,37 @@ def main() -> None:
     copies = plant(originals, out / "in")
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "align", str(out / "in"), str(out / "aligned"), "--quiet",
-                    "--split", "train=0.8,validation=0.1,test=0.1"], check=True,
+                    "--split", "train=0.8,validation=0.1,test=0.1", "--align", args.align], check=True,
                    env=dict(os.environ, PYTHONPATH=str(REPO)))
     align_s = time.perf_counter() - t0
     records = {}
     for line in (out / "aligned" / "faces.jsonl").read_text().splitlines():
         r = json.loads(line)
         records[r["input"]] = r
-    hashes = {rel: phash(out / "aligned" / r["written"][0]["output"])
-              for rel, r in records.items() if r["written"]}
+    aligned = {rel: phash(out / "aligned" / r["written"][0]["output"])
+               for rel, r in records.items() if r["written"]}
+    photos = {rel: phash(out / "in" / rel) for rel in records}
+    straddle = {}
+    for c, (o, kind) in copies.items():
+        if c in records and o in records:
+            straddle.setdefault(kind, []).append(records[c]["split"] != records[o]["split"])
+    print(f"{len(originals)} originals, {len(copies)} planted copies, {len(aligned)} faces aligned "
+          f"(--align {args.align}) in {align_s:.1f} s")
+    print("copies put in another split than their original by the split by bytes: "
+          + ", ".join(f"{k} {sum(v)}/{len(v)}" for k, v in sorted(straddle.items())))
+    for what, hashes in ((f"pHash of the aligned face (--align {args.align})", aligned),
+                         ("pHash of the whole input photo", photos)):
+        print(f"\n{what}")
+        table(hashes, copies)
+
+
+def table(hashes: dict[str, int], copies: dict[str, tuple[str, str]]) -> None:
     originals_rel = sorted({o for o, _ in copies.values()} & set(hashes))
     kinds = sorted({k for _, k in copies.values()})
     pairs = {k: [hamming(hashes[c], hashes[o]) for c, (o, kind) in copies.items()
                  if kind == k and c in hashes and o in hashes] for k in kinds}
     false = [hamming(hashes[a], hashes[b]) for a, b in itertools.combinations(originals_rel, 2)]
-    straddle = {k: sum(records[c]["split"] != records[o]["split"] for c, (o, kind) in copies.items()
-                       if kind == k and c in records and o in records) for k in kinds}
-    print(f"{len(originals)} originals, {len(copies)} planted copies, {len(hashes)} faces aligned "
-          f"in {align_s:.1f} s; {len(false)} pairs of distinct originals")
-    print("copies put in another split than their original by the split by bytes: "
-          + ", ".join(f"{k} {straddle[k]}/{len(pairs[k])}" for k in kinds))
-    print("hamming distance of copy to original, median/max: "
+    print(f"{len(false)} pairs of distinct originals; hamming distance of copy to original, median/max: "
           + ", ".join(f"{k} {int(np.median(pairs[k]))}/{max(pairs[k])}" for k in kinds))
     print(f"distinct originals: min {min(false)}, 1st percentile {np.percentile(false, 1):.0f}, "
           f"median {np.median(false):.0f}")
