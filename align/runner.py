@@ -291,7 +291,8 @@ def _run(config, engine, input_dir, output_dir, output_arg, state, finished, fou
     labels = labels_of(index.identities_written())
     splits = None
     if config.split:
-        splits, tops_identities = fold_splits(output_dir, output_arg, config.split, config.split_by, writer.packed)
+        splits, tops_identities = fold_splits(output_dir, output_arg, config.split, config.split_by,
+                                              writer.packed, settled=unchanged and not shards)
     if writer.packed and not (unchanged and not shards and writer.complete()):
         if config.split:        # one set of files per split (and held_out), labelled per folder
             writer.assemble_in(state.root, [(output_dir / top, _written_faces(output_dir, top),

@@ -19,7 +19,7 @@ import hashlib
 import json
 import os
 import re
-from collections import Counter, defaultdict
+from collections import defaultdict
 from pathlib import Path
 from typing import Iterator
 
@@ -141,67 +141,69 @@ def _entries(path: Path) -> Iterator[tuple[int, bytes, dict]]:
 
 
 def fold_splits(output_dir: Path, output_arg: str, splits: Splits, by: str,
-                packed: bool = False) -> tuple[dict, dict[str, set[str]]]:
+                packed: bool = False, settled: bool = False) -> tuple[dict, dict[str, set[str]]]:
     """At the end of a run with splits, after the merge: hold out (or take back) the
     identities that (do not) cover every split (--split_by photo), rewrite faces.jsonl and
     bounding_boxes.txt where a record changes (atomically), move the thumbnails to where the
     records say (a rename each, those already there left alone; none with a `packed` output
-    format, whose files are assembled from the records after); returns the summary's
-    "splits" entry and {top folder: the identity folders (output names) with a face there}. Derived from faces.jsonl and the files on disk only: run again after a
-    kill anywhere, it ends in the same tree."""
+    format, whose files are assembled from the records after, nor when `settled`: the
+    records are those of a run that finished, and none changes). Returns the summary's
+    "splits" entry and {top folder: the identity folders (output names) with a face there}.
+    Derived from faces.jsonl and the files on disk only: run again after a kill anywhere
+    (the run's state folder, and so its journals, are still there: not `settled`), it ends in
+    the same tree. Reads faces.jsonl once, twice where records change."""
     from align.records import BOXES, RECORDS, bounding_box_lines, dumps
     names = [n for n, _ in splits]
-    covered: dict[str, set[str]] = defaultdict(set)
-    changed = False
-    for _, _, record in _entries(output_dir / RECORDS):
-        if record.get("split") is not None and record.get("written"):
-            covered[_identity(record)].add(record["split"])
-    held = {i for i, s in covered.items() if len(s) < len(names)} if by == "photo" else set()
-
-    def wants(record: dict) -> bool:
-        return record.get("split") is not None and _identity(record) in held
-
-    for _, _, record in _entries(output_dir / RECORDS):
-        if record.get("split") is not None and bool(record.get("held_out")) != wants(record):
-            changed = True
-            break
-    if changed:
-        with atomic_file(output_dir / RECORDS, 1 << 20) as faces:
-            for _, line, record in _entries(output_dir / RECORDS):
-                if record.get("split") is not None and bool(record.get("held_out")) != wants(record):
-                    line = (dumps(canonical(json.loads(line), wants(record))) + "\n").encode()
-                faces.write(line)
-        with atomic_file(output_dir / BOXES, 1 << 20) as boxes:
-            for _, _, record in _entries(output_dir / RECORDS):
-                boxes.write("".join(bounding_box_lines(record, output_arg, packed)).encode("utf-8", "surrogateescape"))
-
-    photos, faces, trees, tops = Counter(), Counter(), defaultdict(set), defaultdict(set)
-    held_photos = held_faces = 0
+    # per input identity: {split: [photos, faces written]}, its "held_out" marks now, its folder
+    tally: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
+    marks: dict[str, set[bool]] = defaultdict(set)
+    folder: dict[str, str] = {}
     for _, _, record in _entries(output_dir / RECORDS):
         split = record.get("split")
         if split is None:
             continue
-        written = record.get("written") or ()
-        photos[split] += 1
-        if record.get("held_out"):
-            held_photos += 1
-            held_faces += len(written)
-        else:
-            faces[split] += len(written)
-            if written:
-                trees[split].add(_identity(record))
-        for w in written:
-            top, identity, _ = w["output"].split("/", 2)
-            tops[top].add(identity)
-            if not packed:
-                _put_in_place(output_dir, w["output"], split)
+        identity = _identity(record)
+        counts = tally[identity][split]
+        counts[0] += 1
+        counts[1] += len(record.get("written") or ())
+        marks[identity].add(bool(record.get("held_out")))
+        folder[identity] = record["output"].split("/", 2)[1]
+    covered = {i: {s for s, (_, faces) in t.items() if faces} for i, t in tally.items()}
+    held = {i for i, c in covered.items() if c and len(c) < len(names)} if by == "photo" else set()
+    changed = any(m != {i in held} for i, m in marks.items())
+
+    if changed:
+        with atomic_file(output_dir / RECORDS, 1 << 20) as faces, atomic_file(output_dir / BOXES, 1 << 20) as boxes:
+            for _, line, record in _entries(output_dir / RECORDS):
+                want = record.get("split") is not None and _identity(record) in held
+                if record.get("split") is not None and bool(record.get("held_out")) != want:
+                    record = canonical(json.loads(line), want)
+                    line = (dumps(record) + "\n").encode()
+                faces.write(line)
+                boxes.write("".join(bounding_box_lines(record, output_arg, packed)).encode("utf-8", "surrogateescape"))
+    if not packed and (changed or not settled):
+        for _, _, record in _entries(output_dir / RECORDS):
+            if record.get("split") is not None:
+                for w in record.get("written") or ():
+                    _put_in_place(output_dir, w["output"], record["split"])
+
+    tops: dict[str, set[str]] = defaultdict(set)
+    for identity, t in tally.items():
+        for split, (_, faces) in t.items():
+            if faces:
+                tops[HELD_OUT if identity in held else split].add(folder[identity])
+    photos = {n: sum(t[n][0] for t in tally.values() if n in t) for n in names}
     total = sum(photos.values())
+    stats = {n: {"photos": photos[n],
+                 "faces": sum(t[n][1] for i, t in tally.items() if n in t and i not in held),
+                 "identities": sum(1 for i, c in covered.items() if n in c and i not in held),
+                 "fraction": round(photos[n] / total, 4) if total else None} for n in names}
     return {
-        "by": by, "fractions": dict(splits),
-        "splits": {n: {"photos": photos[n], "faces": faces[n], "identities": len(trees[n]),
-                       "fraction": round(photos[n] / total, 4) if total else None} for n in names},
-        "held_out": {"identities": len(held), "photos": held_photos, "faces": held_faces},
-        "num_classes": len(set().union(*trees.values())),
+        "by": by, "fractions": dict(splits), "splits": stats,
+        "held_out": {"identities": len(held),
+                     "photos": sum(c[0] for i in held for c in tally[i].values()),
+                     "faces": sum(c[1] for i in held for c in tally[i].values())},
+        "num_classes": len({i for i, c in covered.items() if c and i not in held}),
     }, dict(tops)
 
 

@@ -249,13 +249,27 @@ def assert_same_tree_of_splits(a: Path, b: Path) -> None:
     assert [k for k in ta if ta[k] != tb[k]] == []
 
 
-def test_a_fold_cut_short_is_finished_by_the_rerun(runs, inputs, tmp_path):
-    """A kill during the end's moves: some thumbnails of a held-out identity still in their
-    split, one moved back by hand; the rerun puts them where the records say."""
+@pytest.mark.parametrize("moment", ["before the records are rewritten", "between two moves"])
+def test_a_fold_cut_short_is_finished_by_the_rerun(runs, inputs, tmp_path, moment):
+    """What a kill -9 during the end's split fold leaves: the state folder (journals and all),
+    Eve's thumbnail still in its split, and her record as the aligner journaled it (before
+    the rewrite) or already held out (between two moves). The rerun ends in the same tree."""
+    from align.records import dumps
+    from align.splits import canonical
     out = tmp_path / "out"
     shutil.copytree(runs["full"], out)
+    lines = (out / "faces.jsonl").read_bytes().splitlines(keepends=True)
+    n, line = next((n, line) for n, line in enumerate(lines) if line.startswith(b'{"input": "Eve/'))
+    journaled = (dumps(canonical(json.loads(line), False)) + "\n").encode()
+    state = out / ".align_dataset"
+    (state / "journal").mkdir(parents=True)
+    (state / "journal" / "0123456789abcdef0123.jsonl").write_bytes(journaled)
+    (state / "options.json").write_text(json.dumps(summary(out)["options"]))
+    if moment == "before the records are rewritten":
+        lines[n] = journaled
+        (out / "faces.jsonl").write_bytes(b"".join(lines))
     eve = next((out / HELD_OUT / "Eve").iterdir())
-    split = next(r["split"] for r in records(out) if r["input"].startswith("Eve/"))
+    split = json.loads(line)["split"]
     (out / split / "Eve").mkdir()
     eve.rename(out / split / "Eve" / eve.name)
     ok(run_align(inputs["full"], out, *COMMON))
