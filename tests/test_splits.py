@@ -101,8 +101,8 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def runs(inputs, tmp_path_factory) -> dict[str, Path]:
     """{name: finished OUTPUT_DIR}: "full" (one run on the full input), "grown" (the partial
-    input, then the full one: photos added), "killed" (kill -9 after a first journal line,
-    then the same command), "identity" (--split_by identity --align arcface)."""
+    input, then the full one: photos added), "killed" (kill -9 after a first journal line of
+    a run with 2 workers in random order, then the same command with 1), "identity" (--split_by identity --align arcface)."""
     root = tmp_path_factory.mktemp("split_runs")
     out = {name: root / name for name in ("full", "grown", "killed", "identity")}
     ok(run_align(inputs["full"], out["full"], *COMMON))
@@ -110,7 +110,8 @@ def runs(inputs, tmp_path_factory) -> dict[str, Path]:
     shutil.copytree(out["grown"], root / "partial")
     out["partial"] = root / "partial"
     ok(run_align(inputs["full"], out["grown"], *COMMON))
-    kill_after_a_journal_line(start_align(inputs["full"], out["killed"], *COMMON[:-1]),
+    kill_after_a_journal_line(start_align(inputs["full"], out["killed"], *COMMON[:-1], "--random_order",
+                                          "--workers", 2),
                               out["killed"], n_inputs(inputs["full"]))
     ok(run_align(inputs["full"], out["killed"], *COMMON))
     ok(run_align(inputs["full"], out["identity"], "--split", "train=0.5,test=0.5", "--split_by", "identity",
