@@ -34,6 +34,9 @@ image: with --align box facenet's margin box, the very pixels cropped; with --al
 smallest box of whole input pixels that holds the (rotated) square the thumbnail was warped
 from. --align arcface adds "matrix", 2x3, mapping input pixels to thumbnail pixels
 ([u, v] = M @ [x, y, 1]), and "template", the name of the template ("arcface").
+With --split, a record whose file was read (every record, with --split_by identity) has
+"split", its outputs are under `<split>/`, and the records of an identity held out
+(align/splits.py) have "held_out": true and their outputs under `held_out/`.
 """
 from __future__ import annotations
 

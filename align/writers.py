@@ -3,7 +3,9 @@
 The aligner hands each face's encoded thumbnail to its shard's sink (`Writer.shard(key)`:
 `add(output, data)`, then `commit()` before the shard's journal records the batch); it knows
 nothing of formats. `output` is the record's name for the face, `<identity>/<stem>[_<i>].png`,
-the same in every format.
+the same in every format (with --split, `<split>/<identity>/...`: the packed files are then
+one set per split and one for held_out, in those folders, and a face's key leaves the split
+out, face_key).
 
   folders     OUTPUT_DIR/<output>, each written atomically (align.durable); a batch's folders
               fsync'ed at commit. Nothing to assemble.
