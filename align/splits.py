@@ -64,8 +64,8 @@ def check_splits(splits) -> Splits:
         if name == HELD_OUT:
             raise ValueError(f"split name {HELD_OUT!r} is where identities too small for every "
                              f"split go: pick another name")
-    if len(set(names)) != len(names):
-        raise ValueError(f"split names must be unique: {','.join(names)}")
+    if len({n.lower() for n in names}) != len(names):     # one folder each, on any file system
+        raise ValueError(f"split names must be unique (whatever their case): {','.join(names)}")
     if not all(0 < f <= 1 for _, f in splits):
         raise ValueError(f"split fractions must be in (0, 1]: {splits}")
     if abs(sum(f for _, f in splits) - 1) > SUM_TOLERANCE:

@@ -33,7 +33,7 @@ def test_parse_splits():
     assert parse_splits(" a = 0.5 , b-2=0.5") == (("a", 0.5), ("b-2", 0.5))
     assert parse_splits("all=1") == (("all", 1.0),)
     assert check_splits([("x", 1 / 3), ("y", 1 / 3), ("z", 1 / 3)])[2] == ("z", 1 / 3)
-    for bad in ("train=0.8,test=0.1", "train=0.8,train=0.2", "held_out=0.5,b=0.5", ".x=0.5,b=0.5",
+    for bad in ("train=0.8,test=0.1", "train=0.8,train=0.2", "train=0.8,Train=0.2", "held_out=0.5,b=0.5", ".x=0.5,b=0.5",
                 "a/b=0.5,c=0.5", "a=0,b=1", "a=-0.5,b=1.5", "train", "train=x", "", "-a=1"):
         with pytest.raises(ValueError):
             parse_splits(bad)
