@@ -220,6 +220,28 @@ def test_loaders_number_classes_alike_in_every_split(runs):
         assert sum(map(len, identity)) == len(set().union(*identity)) == 5, (kind, identity)
 
 
+FLOW = """
+import json, sys
+from tensorflow.keras.preprocessing.image import ImageDataGenerator
+OUTPUT_DIR = sys.argv[1]
+for split in sys.argv[2:]:      # as the README shows it
+    flow = ImageDataGenerator(rescale=1 / 255).flow_from_directory(OUTPUT_DIR + '/' + split, target_size=(32, 32))
+    print(json.dumps([flow.class_indices, flow.samples]))
+"""
+
+
+def test_flow_from_directory_numbers_classes_alike_in_every_split(runs):
+    import subprocess
+    import sys
+    from test_cli import cli_env
+    p = subprocess.run([sys.executable, "-c", FLOW, str(runs["full"]), *NAMES], capture_output=True,
+                       text=True, env={**cli_env(), "TF_CPP_MIN_LOG_LEVEL": "3"}, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    seen = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("[")]
+    assert [classes for classes, _ in seen] == [{"Ann": 0, "Bob": 1, "Cid": 2, "Dan": 3}] * 3
+    assert [n for _, n in seen] == [summary(runs["full"])["splits"]["splits"][s]["faces"] for s in NAMES]
+
+
 def _splits_of(out: Path) -> dict[str, str]:
     return {r["input"]: r["split"] for r in records(out)}
 
