@@ -184,6 +184,9 @@ def _start_over(output_dir: Path, state: StateDir, tops=("",)) -> None:
     state.reset()
     for path in packed_files(output_dir, tops):
         path.unlink()
+    for top in filter(None, tops):      # --split's folders, emptied: they may be no more
+        if (output_dir / top).is_dir():
+            _remove_empty_identities(output_dir, [p.name for p in (output_dir / top).iterdir()], [top])
     for name in (RECORDS, BOXES, SUMMARY, REPORT):
         (output_dir / name).unlink(missing_ok=True)
 

@@ -299,13 +299,15 @@ def test_a_fold_cut_short_is_finished_by_the_rerun(runs, inputs, tmp_path, momen
     assert_same_tree_of_splits(runs["full"], out)
 
 
-def test_other_split_options_are_refused(runs, inputs, tmp_path):
+def test_other_split_options_are_refused_and_overwrite_starts_over(runs, inputs, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(runs["full"], out)
     for args in (("--split_seed", 1), ("--split", "train=0.6,validation=0.2,test=0.2"), ()):
         base = COMMON[2:] if not args else COMMON
         p = run_align(inputs["full"], out, *base, *args)
         assert p.returncode == 2 and "--overwrite" in p.stderr, (args, p.stderr)
+    ok(run_align(inputs["full"], out, *COMMON[2:], "--output_format", "rec", "--overwrite"))
+    assert sorted(p.name for p in out.iterdir()) == sorted(TOP | {"train.rec", "train.idx", "property"})
     for bad in ("train=0.5,test=0.4", "held_out=0.5,test=0.5", "a=1,a=0"):
         p = run_align(inputs["full"], tmp_path / "new", "--split", bad)
         assert p.returncode == 2 and p.stderr.startswith("Error:"), p.stderr
