@@ -257,7 +257,7 @@ def _run(config, engine, input_dir, output_dir, output_arg, state, finished, fou
                            f"thumbnails?): --split needs an empty OUTPUT_DIR, or one of its own runs")
     if legacy_outputs:
         state.legacy_marker.touch()
-    _remove_stale_temporaries(output_dir, 2 if config.split else 1)
+    _remove_stale_temporaries(output_dir, 2 if config.split or earlier else 1)
 
     try:
         job = walk(input_dir, output_dir)
