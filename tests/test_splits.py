@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 import loaders
-from test_cli import (LFW_GWB, TIMING_KEYS, assert_same_tree, kill_after_a_journal_line, n_inputs,
-                      ok, records, run_align, snapshot, start_align, summary)
+from test_cli import (LFW_GWB, kill_after_a_journal_line, n_inputs, ok, records, run_align, snapshot,
+                      start_align, summary)
 from align.splits import (HELD_OUT, check_splits, parse_splits, split_of, split_of_identity,
                           unit_interval)
 
