@@ -46,7 +46,8 @@ _detector = None
 def configure_threads(threads: int, gpu_memory_fraction: float) -> None:
     """Threads of this process's OpenCV and of Keras's backend, and TF's GPU memory. Where the
     backend has already started in the process (a caller's script re-imported by spawn, say),
-    it keeps what it has."""
+    it keeps what it has. On a GPU the nets run in full float32, as facenet's: no TF32, which
+    Ampere and later GPUs use by default for convolutions and matrix products."""
     import cv2
     cv2.setNumThreads(threads)
     from facenet_nets import backend_name
@@ -54,6 +55,8 @@ def configure_threads(threads: int, gpu_memory_fraction: float) -> None:
     if backend == "torch":
         import torch
         torch.set_num_threads(threads)
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
         try:
             torch.set_num_interop_threads(1)
         except RuntimeError:
@@ -63,6 +66,8 @@ def configure_threads(threads: int, gpu_memory_fraction: float) -> None:
         if "intra_op_parallelism_threads" not in flags:
             os.environ["XLA_FLAGS"] = (f"{flags} --xla_cpu_multi_thread_eigen={str(threads > 1).lower()} "
                                        f"intra_op_parallelism_threads={threads}").strip()
+        import jax
+        jax.config.update("jax_default_matmul_precision", "highest")
     elif backend == "tensorflow":
         _configure_tensorflow(threads, gpu_memory_fraction)
 
@@ -74,6 +79,7 @@ def _configure_tensorflow(threads: int, gpu_memory_fraction: float) -> None:
         tf.config.threading.set_inter_op_parallelism_threads(1)
     except RuntimeError:
         pass
+    tf.config.experimental.enable_tensor_float_32_execution(False)
     gpus = tf.config.list_physical_devices("GPU")
     try:
         for gpu in gpus:
