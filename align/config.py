@@ -57,19 +57,27 @@ def available_memory() -> int | None:
         return None
 
 
-def bounded_workers(requested: int, shards: int, available: int | None = None) -> tuple[int, str | None]:
-    """Workers to start for `shards` shards: `requested`, but no more than there are shards
-    or than `available` bytes of memory hold (WORKER_MEMORY_BYTES each; default: what
-    available_memory() finds now), and a warning when memory is what capped them. Checked
+def bounded_workers(requested: int, shards: int, available: int | None = None,
+                    cores: int | None = None) -> tuple[int, str | None]:
+    """Worker processes to start on this machine for `shards` shards: `requested`, but no more
+    than there are shards, than there are usable `cores` (default: usable_cores(); each worker
+    keeps a core busy, and more only share them, a framework's memory each), or than
+    `available` bytes of memory hold (WORKER_MEMORY_BYTES each; default: what
+    available_memory() finds now); a warning when cores or memory capped them. Checked
     before any worker starts."""
-    n = max(1, min(requested, shards))
+    warnings = []
+    cores = usable_cores() if cores is None else cores
+    if requested > cores:
+        warnings.append(f"--workers {requested}: this machine has {cores} usable core(s); "
+                        f"starting {cores} at most")
+    n = max(1, min(requested, cores, shards))
     if available is None:
         available = available_memory()
     if available is not None and n > max(1, available // WORKER_MEMORY_BYTES):
-        fit = max(1, available // WORKER_MEMORY_BYTES)
-        return fit, (f"--workers {requested}: {available / 1e9:.1f} GB of memory available holds "
-                     f"{fit} worker(s) of ~{WORKER_MEMORY_BYTES / 1e9:.1f} GB; starting {fit}")
-    return n, None
+        n = max(1, available // WORKER_MEMORY_BYTES)
+        warnings.append(f"--workers {requested}: {available / 1e9:.1f} GB of memory available holds "
+                        f"{n} worker(s) of ~{WORKER_MEMORY_BYTES / 1e9:.1f} GB; starting {n}")
+    return n, "; ".join(warnings) or None
 
 
 def usable_cores() -> int:

@@ -21,11 +21,15 @@ A folder inside an identity folder is a task too: the worker records it as not a
 """
 from __future__ import annotations
 
+import collections
 import hashlib
+import itertools
 import os
+import random
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterator
 
 from align.durable import TEMP_PREFIX, TEMP_SUFFIX
 
@@ -160,11 +164,15 @@ def _check_link(path: str, output_dir: Path | None) -> None:
                              f"over it; move it out of INPUT_DIR or pick another OUTPUT_DIR")
 
 
-def walk(input_dir: Path, output_dir: Path | None = None) -> Walk:
-    """The tasks of INPUT_DIR; raises LinkIntoOutput for an identity folder or a file that is
-    a symbolic link into `output_dir` (its thumbnails, say: a second run would overwrite
-    them). Links are the only entries resolved: the walk costs no stat per file."""
-    tasks, skipped = [], []
+def walk_identities(input_dir: Path, output_dir: Path | None = None,
+                    skipped: list[str] | None = None) -> Iterator[tuple[str, list[Task]]]:
+    """(output identity folder, its tasks) for each identity folder of INPUT_DIR, in input
+    order, one folder listed at a time: a job of any size costs the listing of its top level
+    and of one identity folder. The top-level entries that are not identity folders are added
+    to `skipped`. Raises LinkIntoOutput for an identity folder or a file that is a symbolic
+    link into `output_dir` (its thumbnails, say: a second run would overwrite them). Links
+    are the only entries resolved: the walk costs no stat per file."""
+    skipped = [] if skipped is None else skipped
     guard = Path(os.path.realpath(output_dir)) if output_dir is not None else None
     for identity, is_dir, is_link in _entries(input_dir):
         if not is_dir:
@@ -179,6 +187,7 @@ def walk(input_dir: Path, output_dir: Path | None = None) -> Walk:
             continue
         out_identity = output_identity(identity)
         stems = output_stems([name for name, is_dir, _ in entries if not is_dir])
+        tasks = []
         for name, is_dir, is_link in entries:
             if is_link:
                 _check_link(os.path.join(input_dir, identity, name), guard)
@@ -187,20 +196,53 @@ def walk(input_dir: Path, output_dir: Path | None = None) -> Walk:
             base = f"{out_identity}/{out}"
             natural = None if out == stem and out_identity == identity else f"{identity}/{stem}"
             tasks.append(Task(f"{identity}/{name}", base, natural))
+        yield out_identity, tasks
+
+
+def walk(input_dir: Path, output_dir: Path | None = None) -> Walk:
+    """walk_identities, all in memory: the tasks of INPUT_DIR (for a small job, or a test)."""
+    skipped: list[str] = []
+    tasks = [t for _, ts in walk_identities(input_dir, output_dir, skipped) for t in ts]
     return Walk(tasks, skipped)
 
 
-def cut_shards(tasks: list[Task], workers: int) -> list[Shard]:
-    """`tasks` in runs of SHARD_SIZE, shrinking (guided scheduling) once fewer than
-    2 x SHARD_SIZE are left per worker, to MIN_SHARD: the workers run out of shards together,
-    and runs of one-photo identities (most of LFW) still share detection batches and journals.
-    Keys are unique within the cut; a later run may cut its tasks otherwise (the journals are
-    read all together, so where a record lies does not matter)."""
-    shards, i = [], 0
-    while i < len(tasks):
-        size = max(MIN_SHARD, min(SHARD_SIZE, -(-(len(tasks) - i) // (2 * workers))))
-        part = tuple(tasks[i:i + size])
+def cut_shards(tasks: list[Task], workers: int, prefix: str = "") -> list[Shard]:
+    """shards() of a list, for a number of workers that does not change."""
+    return list(shards(iter(tasks), lambda: workers, prefix))
+
+
+def shards(tasks: Iterator[Task], workers: Callable[[], int], prefix: str = "") -> Iterator[Shard]:
+    """`tasks` in runs of SHARD_SIZE, cut as they come, shrinking (guided scheduling) once fewer
+    than 2 x SHARD_SIZE are left per worker (`workers()`: the workers there are now, asked at
+    each cut), to MIN_SHARD: the workers run out of shards together, and runs of one-photo
+    identities (most of LFW) still share detection batches and journals. Looks ahead no
+    more than 2 x SHARD_SIZE x workers tasks. Keys (`prefix` + a hash of the first and last
+    input) are unique within the cut; a later run may cut its tasks otherwise (the journals
+    are read all together, so where a record lies does not matter)."""
+    ahead: collections.deque[Task] = collections.deque()
+    ended = False
+    while True:
+        n = max(1, workers())
+        while not ended and len(ahead) < 2 * SHARD_SIZE * n:
+            task = next(tasks, None)
+            if task is None:
+                ended = True
+            else:
+                ahead.append(task)
+        if not ahead:
+            return
+        size = SHARD_SIZE if not ended else max(MIN_SHARD, min(SHARD_SIZE, -(-len(ahead) // (2 * n))))
+        part = tuple(ahead.popleft() for _ in range(min(size, len(ahead))))
         key = hashlib.sha1(os.fsencode(f"{part[0].rel}\0{part[-1].rel}")).hexdigest()[:20]
-        shards.append(Shard(key, part))
-        i += size
-    return shards
+        yield Shard(prefix + key, part)
+
+
+def shuffled(tasks: Iterator[Task], window: int) -> Iterator[Task]:
+    """`tasks` in random order within windows of `window` consecutive tasks (all of a job
+    smaller than one window): --random_order, for a job too large to hold."""
+    while True:
+        part = list(itertools.islice(tasks, window))
+        if not part:
+            return
+        random.shuffle(part)
+        yield from part

@@ -22,7 +22,7 @@ OUTPUT_DIR/.align_dataset/ (StateDir):
                         at the end (align/writers.py)
   previous/             the packed files that the end of the run replaces, set aside
 A run's records are faces.jsonl (the last finished run's) with the journals over it
-(RecordIndex); at its end they are merged into the top-level files (each written atomically),
+(Records); at its end they are merged into the top-level files (each written atomically),
 then the state folder is removed ("folded away"). A run killed at any moment leaves a state
 any run resumes: before the fold, the journals are still there; during it, what is left of
 them repeats what faces.jsonl already holds.
@@ -44,8 +44,11 @@ import contextlib
 import errno
 import fcntl
 import gc
+import heapq
+import itertools
 import json
 import os
+import pickle
 import shutil
 import tempfile
 from pathlib import Path
@@ -53,7 +56,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from align.dataset import Shard, Task
+from align.dataset import Task
 from align.durable import atomic_file, write_atomic
 from align.writers import PARTS, PREVIOUS, sample_key
 
@@ -239,9 +242,19 @@ class StateDir:
     def journal(self, shard_key: str) -> Journal:
         return Journal(self.journals / f"{shard_key}.jsonl")
 
-    def journal_paths(self) -> list[Path]:
-        """Every journal, in the order their records are combined."""
-        return sorted(self.journals.glob("*.jsonl"))
+    def journal_paths(self, prefix: str = "") -> list[Path]:
+        """Every journal (whose name starts with `prefix`), in the order their records are
+        combined."""
+        return [self.journals / f"{name}.jsonl" for name in self.journal_names(prefix)]
+
+    def journal_names(self, prefix: str = "") -> list[str]:
+        """The shard keys of the journals (those starting with `prefix`), sorted."""
+        try:
+            with os.scandir(self.journals) as entries:
+                return sorted(e.name[:-6] for e in entries
+                              if e.name.endswith(".jsonl") and e.name.startswith(prefix))
+        except FileNotFoundError:
+            return []
 
     def each_record(self) -> Iterator[dict]:
         """Every record of every journal (an input's overridden ones too), one journal in
@@ -253,7 +266,7 @@ class StateDir:
         """{input path: record} over every journal. An input can have records in two
         journals when runs cut their shards differently: an "error" in one and the retry's
         outcome in another. The one that needs no more work wins. (All in memory: a run
-        uses RecordIndex, which applies the same rule.)"""
+        uses Records, which applies the same rule.)"""
         records = {}
         for path in self.journal_paths():
             for rel, record in Journal(path).load().items():
@@ -308,179 +321,269 @@ def bounding_box_lines(record: dict, output_dir: str, packed: bool = False) -> l
     return []
 
 
-_NONE = -1                                      # the status of an input without a record
 _CODE = {status: code for code, status in enumerate(STATUSES)}
-_TO_DO = [_NONE] + [_CODE[s] for s in STATUSES if needs_work({"status": s})]
-# per task: status code, faces written, the record's line (journal number, byte offset,
-# length), its bounding_boxes.txt lines in the spool (byte offset, length)
-ROW = np.dtype([("status", "i1"), ("faces", "i4"), ("journal", "i4"), ("offset", "i8"),
-                ("length", "i4"), ("spool_offset", "i8"), ("spool_length", "i4")])
+_TO_DO = frozenset(_CODE[s] for s in STATUSES if needs_work({"status": s}))
 MAX_OPEN_JOURNALS = 64                          # file handles the merge keeps open
-MERGE_CHUNK = 1 << 16                           # tasks the merge takes from the arrays at once
+SORT_ENTRIES = 100_000                          # journal entries sorted in memory at once
+SPILL_BLOCK = 256                               # entries a sorted run holds in one pickle
 COPY_PIECE = 8 << 20                            # bytes the merge copies at once
+RUN_PREFIX = "r"                                # journals of run N: r<N:05d>-<shard>.jsonl
 
 
-class RecordIndex:
-    """Where the record of each task of a job lies, for millions of tasks: a ROW per task (in
-    the order of `tasks`), 33 bytes, and a lookup from input path to task of 16 bytes a task.
-    Records are parsed once, when their journal is scanned; their bounding_boxes.txt lines
-    go to a spool (an unnamed temporary file in the state folder, gone with the process);
-    the merge copies bytes."""
+class UnorderedRecords(RuntimeError):
+    """faces.jsonl is not in input order, as every run writes it: edited by hand?"""
 
-    def __init__(self, tasks: Sequence[Task], state: StateDir, output_dir_arg: str,
-                 base: Path | None = None, packed: bool = False):
-        self.tasks, self.state, self.output_dir_arg, self.base = tasks, state, output_dir_arg, base
+
+def input_key(rel: str) -> str:
+    """A key that sorts as the walk orders inputs (identity folders by name, then their files by
+    name): the identity and the file name joined by NUL, which no name holds."""
+    return rel.replace("/", "\0", 1)
+
+
+def run_prefix(state: StateDir) -> str:
+    """The journal-name prefix of a new run: after every journal there is (earlier releases'
+    journals, named by their shard alone, sort before every run's)."""
+    last = 0
+    for name in state.journal_names():
+        head = name.split("-", 1)[0]
+        if head[:1] == RUN_PREFIX and head[1:].isdigit():
+            last = max(last, int(head[1:]))
+    return f"{RUN_PREFIX}{last + 1:05d}-"
+
+
+# An entry: where the record of one input lies and what the merge needs of it, without the record:
+# (input_key, source, byte offset, length, status code, faces written, bounding_boxes.txt bytes);
+# source: the number of the record file in Records.paths. Sorted, entries are in input order and,
+# for one input, in the order its records were written.
+_KEY, _SOURCE, _OFFSET, _LENGTH, _STATUS, _FACES, _BOXES = range(7)
+
+
+def _wins(current: tuple | None, entry: tuple) -> bool:
+    """Whether `entry`, written after `current` for the same input, is its record: the last line
+    within one file; across files, a record replaces one that needs work (as load_all)."""
+    return current is None or current[_SOURCE] == entry[_SOURCE] or current[_STATUS] in _TO_DO
+
+
+def _resolved(entries: Iterator[tuple]) -> Iterator[tuple]:
+    """Sorted entries, one per input: the one that wins (_wins)."""
+    current = None
+    for entry in entries:
+        if current is not None and entry[_KEY] != current[_KEY]:
+            yield current
+            current = None
+        if _wins(current, entry):
+            current = entry
+    if current is not None:
+        yield current
+
+
+class Records:
+    """The records of a job, streamed in input order, for tens of millions of inputs: what the
+    process holds does not grow with the job; what does is in temporary files in the state
+    folder (gone with the process).
+
+    Pass 1, `plan(tasks)`: the walk's tasks (input order) joined with the records there are: the
+    last finished run's faces.jsonl (`base`, in input order already) and the journals over it
+    (sorted by input, SORT_ENTRIES at a time, then merged); every task is spooled with its
+    record's entry, and those that need work are yielded, in input order, as the walk goes.
+    Pass 2, `merge()`: the spool joined with the journals the run wrote (sorted likewise) into
+    faces.jsonl (each record's line copied as it is) and bounding_boxes.txt. Records are
+    parsed once, when their file is read."""
+
+    def __init__(self, state: StateDir, output_dir_arg: str, base: Path | None = None,
+                 packed: bool = False):
+        self.state, self.output_dir_arg, self.base = state, output_dir_arg, base
         self.packed = packed                        # bounding_boxes.txt names sample keys
+        self.paths: list[str] = []                  # record files: base, journals, in order read
         self.dropped = 0                            # records of inputs gone from INPUT_DIR
-        hashes = np.fromiter((hash(t.rel) for t in tasks), np.int64, len(tasks))
-        self._order = np.argsort(hashes, kind="stable")     # tasks by hash of rel: the lookup
-        self._hashes = hashes[self._order]
-        self.rows = np.zeros(len(tasks), ROW)
-        self.rows["status"] = _NONE
-        self.rows["journal"] = -1
-        self.paths: list[str] = []                  # journal numbers -> paths
-        self._spool = tempfile.TemporaryFile(dir=state.root)
-        self._spool_size = 0
+        self.tasks = self.done = 0                  # pass 1: tasks walked, of them needing no work
         self.extra_statuses: dict[str, int] = {}    # statuses this version does not know
+        self._spool = tempfile.TemporaryFile(dir=state.root)
+        self._journals_before = 0
+        self._counts: dict | None = None
+        self._identities: set[str] = set()
 
-    def scan(self) -> None:
-        """`base` (the last finished run's faces.jsonl, if any), then every journal, combined
-        as StateDir.load_all combines them: in a file the last line for an input counts;
-        across files, a record replaces one that needs work. Cuts torn tails as Journal.load
-        does."""
+    # --- pass 1 ---------------------------------------------------------------------------------
+    def plan(self, tasks: Iterable[Task]) -> Iterator[Task]:
+        """Yields the tasks that need work (needs_work), in input order, as `tasks` (in input
+        order) are walked; spools every task with its record. Cuts the journals' torn tails."""
+        journals = [str(p) for p in self.state.journal_paths()]
+        self._journals_before = len(journals)
+        streams = [self._base_entries()] if self.base else []
+        streams += self._sorted(journals)
+        records = _resolved(heapq.merge(*streams))
+        record = next(records, None)
+        block: list = []
+        last = None
         with gc_paused():
-            for path in ([self.base] if self.base else []) + self.state.journal_paths():
-                number = self._number(path)
-                for found, rows in self._read(path, number):
-                    take = np.isin(self.rows["status"][found], _TO_DO) | (self.rows["journal"][found] == number)
-                    self.rows[found[take]] = rows[take]
-
-    def update(self, shards: Iterable[Shard]) -> None:
-        """What a run's shards did: each task of `shards` takes the last record for it in
-        its shard's journal (the run's own outcome, even where an older journal holds
-        another "error" for it)."""
-        for shard in shards:
-            mine = [i for i in self._find_all([t.rel for t in shard.tasks]) if i is not None]
-            path = self.state.journal(shard.key).path
-            for found, rows in self._read(path, self._number(path)):
-                take = np.isin(found, mine)
-                self.rows[found[take]] = rows[take]
-
-    def pending(self) -> list[Task]:
-        """The tasks that need work (needs_work), in input order."""
-        return [self.tasks[i] for i in np.flatnonzero(np.isin(self.rows["status"], _TO_DO)).tolist()]
+            for task in tasks:
+                key = input_key(task.rel)
+                if last is not None and key <= last:
+                    raise RuntimeError(f"the walk is not in input order at {task.rel}")
+                last = key
+                while record is not None and record[_KEY] < key:
+                    self.dropped += 1               # an input gone from INPUT_DIR since
+                    record = next(records, None)
+                found = None
+                if record is not None and record[_KEY] == key:
+                    found, record = record[1:], next(records, None)
+                block.append((task, found))
+                if len(block) == SPILL_BLOCK:
+                    pickle.dump(block, self._spool, pickle.HIGHEST_PROTOCOL)
+                    block = []
+                self.tasks += 1
+                if found is None or found[_STATUS - 1] in _TO_DO:
+                    yield task
+                else:
+                    self.done += 1
+            self.dropped += sum(1 for _ in itertools.chain([record] if record else [], records))
+        pickle.dump(block, self._spool, pickle.HIGHEST_PROTOCOL)
 
     def base_alone(self) -> bool:
-        """Whether the records are the last finished run's, unchanged: after scan(), no journal
-        was found and no input of faces.jsonl is gone from INPUT_DIR (before any update())."""
-        return self.base is not None and len(self.paths) == 1 and self.dropped == 0
+        """Whether the records are the last finished run's, unchanged: after plan(), no journal
+        was found and no input of faces.jsonl is gone from INPUT_DIR."""
+        return self.base is not None and self._journals_before == 0 and self.dropped == 0
 
-    def identities_written(self) -> set[str]:
-        """The output identities (folder names of the folders layout) with a face written."""
-        return {self.tasks[i].out_base.split("/", 1)[0] for i in np.flatnonzero(self.rows["faces"] > 0).tolist()}
+    # --- pass 2 ---------------------------------------------------------------------------------
+    def merge(self, output_dir: Path, run: Sequence[Path | str] = ()) -> dict:
+        """faces.jsonl and bounding_boxes.txt, in input order, each written atomically: each
+        spooled task's record, or the one the run's journals `run` hold for it (the run's own
+        outcome, where the spool's needs work); returns counts(). Closes the spool. Raises
+        RuntimeError, leaving both files as they were, when a task has no record."""
+        self._spool.seek(0)
+        news = _resolved(heapq.merge(*self._sorted([str(p) for p in run])))
+        new = next(news, None)
+        counts = np.zeros(len(STATUSES), np.int64)
+        faces_written = 0
+        identities = self._identities
+        journals: dict[int, int] = {}               # record file number -> open fd
+        piece = [-1, 0, 0]                          # a run of bytes of one file still to copy
 
-    def counts(self) -> dict:
-        """{status: inputs} over STATUSES (and any other status found), and faces_written."""
-        status = self.rows["status"]
-        found = np.bincount(status[status >= 0], minlength=len(STATUSES) + len(self.extra_statuses))
-        counts = {s: int(found[_CODE[s]]) for s in STATUSES}
-        counts.update((s, int(found[code])) for s, code in self.extra_statuses.items())
-        counts["faces_written"] = int(self.rows["faces"][status >= 0].sum())
-        return counts
+        def flush(dest) -> None:
+            if piece[2]:
+                fd = journals.get(piece[0])
+                if fd is None:
+                    if len(journals) >= MAX_OPEN_JOURNALS:
+                        for fd in journals.values():
+                            os.close(fd)
+                        journals.clear()
+                    fd = journals[piece[0]] = os.open(self.paths[piece[0]], os.O_RDONLY)
+                _copy(fd, piece[1], piece[2], dest)
+            piece[:] = [-1, 0, 0]
 
-    def merge(self, output_dir: Path) -> dict:
-        """faces.jsonl (each task's journal line, as it is) and bounding_boxes.txt, in input
-        order, each written atomically; returns counts(). Closes the spool. Raises
-        RuntimeError when a task has no record (a run that ended without finishing it)."""
-        missing = np.flatnonzero(self.rows["status"] == _NONE)
-        if len(missing):
-            raise RuntimeError(f"{len(missing)} inputs have no record, {self.tasks[missing[0]].rel} "
-                               f"the first")
-        self._spool.flush()
-        journals: dict[int, int] = {}               # journal number -> open fd
         try:
-            with atomic_file(output_dir / RECORDS, 1 << 20) as faces:
-                for j, offset, length in self._runs("journal", "offset", "length"):
-                    fd = journals.get(j)
-                    if fd is None:
-                        if len(journals) >= MAX_OPEN_JOURNALS:
-                            for fd in journals.values():
-                                os.close(fd)
-                            journals.clear()
-                        fd = journals[j] = os.open(self.paths[j], os.O_RDONLY)
-                    _copy(fd, offset, length, faces)
-            with atomic_file(output_dir / BOXES, 1 << 20) as boxes:
-                spool = self._spool.fileno()
-                for _, offset, length in self._runs(None, "spool_offset", "spool_length"):
-                    _copy(spool, offset, length, boxes)
+            with gc_paused(), atomic_file(output_dir / RECORDS, 1 << 20) as faces, \
+                    atomic_file(output_dir / BOXES, 1 << 20) as boxes:
+                for block in _blocks(self._spool):
+                    for task, entry in block:
+                        key = input_key(task.rel)
+                        while new is not None and new[_KEY] < key:     # not a task of the job
+                            new = next(news, None)
+                        if new is not None and new[_KEY] == key:
+                            if entry is None or entry[_STATUS - 1] in _TO_DO:
+                                entry = new[1:]
+                            new = next(news, None)
+                        if entry is None:
+                            raise RuntimeError(f"an input has no record, {task.rel} the first")
+                        source, offset, length, status, n_faces, box_lines = entry
+                        if piece[0] == source and piece[1] + piece[2] == offset:
+                            piece[2] += length
+                        else:
+                            flush(faces)
+                            piece[:] = [source, offset, length]
+                        boxes.write(box_lines)
+                        if status >= len(counts):
+                            counts = np.append(counts, np.zeros(status + 1 - len(counts), np.int64))
+                        counts[status] += 1
+                        if n_faces:
+                            faces_written += n_faces
+                            identities.add(task.out_base.split("/", 1)[0])
+                flush(faces)
         finally:
             for fd in journals.values():
                 os.close(fd)
             self._spool.close()
-        return self.counts()
+        self._counts = {s: int(counts[_CODE[s]]) if _CODE[s] < len(counts) else 0 for s in STATUSES}
+        self._counts.update((s, int(counts[code]) if code < len(counts) else 0)
+                            for s, code in self.extra_statuses.items())
+        self._counts["faces_written"] = faces_written
+        return dict(self._counts)
 
-    def _runs(self, file: str | None, offset: str, length: str) -> Iterator[tuple[int, int, int]]:
-        """(file, offset, length) of the byte ranges that hold the tasks' entries in input
-        order: one range for each run of entries that lie one after the other in one file
-        (a shard's records, in a job's first run)."""
-        for start in range(0, len(self.rows), MERGE_CHUNK):
-            rows = self.rows[start:start + MERGE_CHUNK]
-            files = rows[file] if file else np.zeros(len(rows), np.int32)
-            offsets, ends = rows[offset], rows[offset] + rows[length]
-            new = np.ones(len(rows), bool)
-            new[1:] = (files[1:] != files[:-1]) | (offsets[1:] != ends[:-1])
-            starts = np.flatnonzero(new)
-            stops = np.append(starts[1:], len(rows)) - 1
-            yield from zip(files[starts].tolist(), offsets[starts].tolist(),
-                           (ends[stops] - offsets[starts]).tolist())
+    def counts(self) -> dict:
+        """After merge(): {status: inputs} over STATUSES (and any other status found), and
+        faces_written."""
+        return dict(self._counts)
 
-    def _find_all(self, rels: list[str]) -> list[int | None]:
-        """The index of the task of each input path; None for a path no task has."""
-        if not len(self._hashes):
-            return [None] * len(rels)
-        hashes = np.fromiter(map(hash, rels), np.int64, len(rels))
-        pos = np.minimum(np.searchsorted(self._hashes, hashes), len(self._hashes) - 1)
-        return [i if self.tasks[i].rel == rel else self._find(rel)
-                for rel, i in zip(rels, self._order[pos].tolist())]
+    def identities_written(self) -> set[str]:
+        """After merge(): the output identities (folder names of the folders layout) with a
+        face written."""
+        return set(self._identities)
 
-    def _find(self, rel: str) -> int | None:
-        h = hash(rel)
-        pos = int(np.searchsorted(self._hashes, h))
-        while pos < len(self._hashes) and self._hashes[pos] == h:
-            i = int(self._order[pos])
-            if self.tasks[i].rel == rel:
-                return i
-            pos += 1
-        return None
-
-    def _number(self, path: Path) -> int:
-        self.paths.append(str(path))
+    # --- reading record files -------------------------------------------------------------------
+    def _number(self, path: str) -> int:
+        self.paths.append(path)
         return len(self.paths) - 1
 
-    def _read(self, path: Path, number: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(task indices, their ROWs) of the last line for each of the job's inputs in each
-        chunk of the record file at `path`, journal `number` (from _number); their
-        bounding_boxes.txt lines go to the spool."""
-        for entries in Journal(path).chunks(floats=False):
-            latest: dict[int, tuple] = {}
-            spooled = []
-            for (offset, line, record), i in zip(entries, self._find_all([r["input"] for _, _, r in entries])):
-                if i is None:
-                    self.dropped += 1                   # an input gone from INPUT_DIR since
-                    continue
-                boxes = "".join(bounding_box_lines(record, self.output_dir_arg, self.packed)).encode("utf-8", "surrogateescape")
-                spooled.append(boxes)
-                latest[i] = (self._code(record["status"]), len(record.get("written", ())), number,
-                             offset, len(line), self._spool_size, len(boxes))
-                self._spool_size += len(boxes)
-            self._spool.write(b"".join(spooled))
-            yield np.fromiter(latest, np.int64, len(latest)), np.array(list(latest.values()), ROW)
+    def _entries(self, path: str) -> Iterator[list[tuple]]:
+        """The entries of the record file at `path`, a list per chunk, in file order."""
+        number = self._number(path)
+        for chunk in Journal(Path(path)).chunks(floats=False):
+            yield [(input_key(record["input"]), number, offset, len(line), self._code(record["status"]),
+                    len(record.get("written") or ()),
+                    "".join(bounding_box_lines(record, self.output_dir_arg, self.packed)).encode("utf-8", "surrogateescape"))
+                   for offset, line, record in chunk]
+
+    def _base_entries(self) -> Iterator[tuple]:
+        """faces.jsonl's entries, in its order: input order, as every merge writes it."""
+        last = None
+        for chunk in self._entries(str(self.base)):
+            for entry in chunk:
+                if last is not None and entry[_KEY] <= last:
+                    raise UnorderedRecords(f"{self.base} is not in input order (at "
+                                           f"{entry[_KEY].replace(chr(0), '/')!r}): was it edited?")
+                last = entry[_KEY]
+                yield entry
+
+    def _sorted(self, paths: list[str]) -> list[Iterator[tuple]]:
+        """The entries of the record files `paths`, as sorted streams to merge: SORT_ENTRIES
+        at a time sorted in memory and spilled to a temporary file, but the last."""
+        runs, entries = [], []
+        with gc_paused():
+            for path in paths:
+                for chunk in self._entries(path):
+                    entries += chunk
+                    if len(entries) >= SORT_ENTRIES:
+                        entries.sort()
+                        runs.append(self._spill(entries))
+                        entries = []
+        entries.sort()
+        return runs + [iter(entries)]
+
+    def _spill(self, entries: list[tuple]) -> Iterator[tuple]:
+        f = tempfile.TemporaryFile(dir=self.state.root)
+        for i in range(0, len(entries), SPILL_BLOCK):
+            pickle.dump(entries[i:i + SPILL_BLOCK], f, pickle.HIGHEST_PROTOCOL)
+        f.seek(0)
+        return (entry for block in _blocks(f, close=True) for entry in block)
 
     def _code(self, status: str) -> int:
         code = _CODE.get(status)
         if code is None:
             code = self.extra_statuses.setdefault(status, len(STATUSES) + len(self.extra_statuses))
         return code
+
+
+def _blocks(f, close: bool = False) -> Iterator[list]:
+    """The pickled lists of a spool file, from where it stands; closes it at the end if `close`."""
+    try:
+        while True:
+            try:
+                yield pickle.load(f)
+            except EOFError:
+                return
+    finally:
+        if close:
+            f.close()
 
 
 def _copy(fd: int, offset: int, length: int, dest) -> None:

@@ -10,7 +10,6 @@ import dataclasses
 import errno
 import itertools
 import os
-import random
 import resource
 import sys
 import time
@@ -18,10 +17,11 @@ from pathlib import Path
 from typing import Iterator
 
 from align.config import FORMATS, Config
-from align.dataset import LinkIntoOutput, cut_shards, walk
+from align.dataset import LinkIntoOutput, Task, shuffled, walk_identities
 from align.durable import TEMP_PREFIX, TEMP_SUFFIX
-from align.engines import Interrupted, JobError, OptionsError, make_engine  # noqa: F401 (API)
-from align.records import BOXES, RECORDS, SUMMARY, Journal, RecordIndex, StateDir, finished_summary, write_summary
+from align.engines import Interrupted, JobError, OptionsError, ShardFeed, make_engine  # noqa: F401 (API)
+from align.records import (BOXES, RECORDS, SUMMARY, Journal, Records, StateDir, UnorderedRecords,
+                           finished_summary, run_prefix, write_summary)
 from align.report import REPORT, report_or_warn
 from align.splits import fold_splits, format_splits, parse_splits, top_folders
 from align.worker import ShardJob
@@ -33,6 +33,7 @@ from facenet_nets.weights import verify_weights
 OUTPUT_OPTIONS = ("image_size", "margin", "detect_multiple_faces", "min_face_size",
                   "thresholds", "factor", "format", "align", "output_format")
 LOG_EVERY_S = 10.0
+RANDOM_WINDOW = 1 << 16     # --random_order shuffles the tasks of each window of this many
 
 
 def _check_dirs(input_dir: Path, output_dir: Path) -> None:
@@ -66,13 +67,15 @@ def _os_error(e: OSError, output_dir: Path) -> JobError:
     return JobError(f"{what}{where}: {todo}")
 
 
-def _remove_stale_temporaries(output_dir: Path, depth: int = 1) -> None:
-    """Temporary files of writes that a killed run left half-done (never renamed into place),
-    in OUTPUT_DIR and its folders `depth` levels down (2: split trees)."""
-    folders, level = [output_dir], [output_dir]
-    for _ in range(depth):
-        level = [p for f in level for p in f.iterdir() if p.is_dir()]
-        folders += level
+def _remove_stale_temporaries(output_dir: Path, tops) -> None:
+    """Temporary files of writes that a killed run left half-done (never renamed into place):
+    in OUTPUT_DIR, and in the folders of `tops` (OUTPUT_DIR itself, "", and --split's trees)
+    and the identity folders in them."""
+    folders = [output_dir]
+    for top in tops:
+        if top and not (output_dir / top).is_dir():
+            continue
+        folders += [p for p in (output_dir / top).iterdir() if p.is_dir()]
     for folder in folders:
         for tmp in folder.glob(f"{TEMP_PREFIX}*{TEMP_SUFFIX}"):
             tmp.unlink(missing_ok=True)
@@ -80,8 +83,8 @@ def _remove_stale_temporaries(output_dir: Path, depth: int = 1) -> None:
 
 def _remove_unjournaled_outputs(output_dir: Path, tasks, tops=("",)) -> None:
     """--overwrite: thumbnails a killed run renamed into place but did not journal yet are
-    not in the records the start-over deletes; remove every file named as some task's output
-    could be, under any option (`<out_base>[_<face>].<format>`)."""
+    not in the records the start-over deletes; remove every file named as one of `tasks`'
+    outputs could be, under any option (`<out_base>[_<face>].<format>`)."""
     stems: dict[str, set[str]] = {}
     for t in tasks:
         identity, stem = t.out_base.split("/", 1)
@@ -100,17 +103,28 @@ def _remove_unjournaled_outputs(output_dir: Path, tasks, tops=("",)) -> None:
 
 
 class _Progress:
-    """A tqdm bar on a terminal, else a line every LOG_EVERY_S seconds; nothing when quiet."""
+    """A tqdm bar on a terminal, else a line every LOG_EVERY_S seconds; nothing when quiet.
+    The job's size is known once the walk ends: until then the total is what it has found."""
 
-    def __init__(self, total: int, done: int, quiet: bool):
-        self.total, self.done, self.faces, self.failed = total, done, 0, 0
+    def __init__(self, quiet: bool):
+        self.total, self.before, self.done, self.faces, self.failed = 0, 0, 0, 0, 0
+        self.walked = False
         self.start = time.perf_counter()
         self.quiet = quiet
         self.bar = None
         self.last_log = self.start
         if not quiet and sys.stdout.isatty():
             from tqdm import tqdm
-            self.bar = tqdm(total=total, initial=done, unit="img", dynamic_ncols=True)
+            self.bar = tqdm(total=None, unit="img", dynamic_ncols=True)
+
+    def found(self, total: int, before: int, walked: bool = False) -> None:
+        """The walk so far: `total` inputs, of them `before` done by earlier runs."""
+        self.done += before - self.before
+        self.total, self.before, self.walked = total, before, walked
+        if self.bar:
+            self.bar.total = total
+            self.bar.n = self.done
+            self.bar.refresh()
 
     def update(self, n: int, faces: int, failed: int) -> None:
         self.done += n
@@ -122,7 +136,8 @@ class _Progress:
         elif not self.quiet and time.perf_counter() - self.last_log >= LOG_EVERY_S:
             self.last_log = time.perf_counter()
             rate = self.done / max(1e-9, self.last_log - self.start)
-            print(f"align_dataset: {self.done}/{self.total} images, {self.faces} faces written, "
+            total = self.total if self.walked else f"{self.total}+"
+            print(f"align_dataset: {self.done}/{total} images, {self.faces} faces written, "
                   f"{self.failed} failed, {rate:.1f} images/s", flush=True)
 
     def close(self) -> None:
@@ -184,9 +199,6 @@ def _start_over(output_dir: Path, state: StateDir, tops=("",)) -> None:
     state.reset()
     for path in packed_files(output_dir, tops):
         path.unlink()
-    for top in filter(None, tops):      # --split's folders, emptied: they may be no more
-        if (output_dir / top).is_dir():
-            _remove_empty_identities(output_dir, [p.name for p in (output_dir / top).iterdir()], [top])
     for name in (RECORDS, BOXES, SUMMARY, REPORT):
         (output_dir / name).unlink(missing_ok=True)
 
@@ -248,55 +260,64 @@ def _run(config, engine, input_dir, output_dir, output_arg, state, finished, fou
     state.set_options(options)
     if found_outputs and not config.overwrite:
         legacy_outputs = True
-    if legacy_outputs and writer.packed:
+    if legacy_outputs and (writer.packed or config.split is not None):
+        what = "--split" if config.split is not None else f"--output_format {config.output_format}"
         raise OptionsError(f"{output_dir} holds files align_dataset did not write (facenet's "
-                           f"thumbnails?): --output_format {config.output_format} needs an empty "
-                           f"OUTPUT_DIR, or one of its own runs")
-    if legacy_outputs and config.split is not None:
-        raise OptionsError(f"{output_dir} holds files align_dataset did not write (facenet's "
-                           f"thumbnails?): --split needs an empty OUTPUT_DIR, or one of its own runs")
+                           f"thumbnails?): {what} needs an empty OUTPUT_DIR, or one of its own runs")
     if legacy_outputs:
         state.legacy_marker.touch()
-    _remove_stale_temporaries(output_dir, 2 if config.split or earlier else 1)
+    trees = list(dict.fromkeys([*tops, *earlier, ""]))  # the folders that hold identity folders
+    _remove_stale_temporaries(output_dir, trees)
 
-    try:
-        job = walk(input_dir, output_dir)
-    except LinkIntoOutput as e:
-        raise OptionsError(str(e)) from None
-    identities = sorted({t.out_base.split("/", 1)[0] for t in job.tasks})    # output folders
-    for identity in identities:
-        folder = output_dir / identity
-        if folder.exists() and not folder.is_dir():
-            raise JobError(f"{folder} is a file, where identity {identity}'s thumbnails go: "
-                           f"move it away, then rerun the same command")
-    if config.overwrite:
-        _remove_unjournaled_outputs(output_dir, job.tasks, dict.fromkeys([*tops, *earlier]))
+    skipped: list[str] = []
+    identities: list[str] = []      # output folders: one name an identity, not a task a photo
+
+    def tasks() -> Iterator[Task]:
+        """The walk, one identity folder at a time, each checked (and, with --overwrite,
+        cleared of what a killed run left unjournaled) before its tasks go out."""
+        try:
+            for identity, its_tasks in walk_identities(input_dir, output_dir, skipped):
+                folder = output_dir / identity
+                if folder.exists() and not folder.is_dir():
+                    raise JobError(f"{folder} is a file, where identity {identity}'s thumbnails go: "
+                                   f"move it away, then rerun the same command")
+                if config.overwrite:
+                    _remove_unjournaled_outputs(output_dir, its_tasks, trees)
+                identities.append(identity)
+                yield from its_tasks
+                progress.found(records.tasks, records.done)
+        except LinkIntoOutput as e:
+            raise OptionsError(str(e)) from None
+        progress.found(records.tasks, records.done, walked=True)
+
     # the last finished run's records, under the journals (none when it was facenet's folder)
     base = output_dir / RECORDS if previous is not None and not config.overwrite else None
-    index = RecordIndex(job.tasks, state, output_arg, base, writer.packed)   # where each task's record lies
-    index.scan()
-    unchanged = index.base_alone()      # the records, and so the packed files, are the last run's
-    pending = index.pending()
+    records = Records(state, output_arg, base, writer.packed)
+    progress = _Progress(config.quiet)
+    pending = records.plan(tasks())         # the walk joined with the records, streamed
     if config.random_order:
-        random.shuffle(pending)
-    shards = cut_shards(pending, config.workers)
-    progress = _Progress(len(job.tasks), len(job.tasks) - len(pending), config.quiet)
+        pending = shuffled(pending, RANDOM_WINDOW)
+    prefix = run_prefix(state)
+    feed = ShardFeed(pending, prefix, config.workers)
     t_work = time.perf_counter()
     try:
-        ran = engine.run(ShardJob(config, input_dir.absolute(), output_dir.absolute(), legacy_outputs), shards,
-                         progress.update) if shards else None
+        first = feed.peek(1)                # the walk, up to the first task to do: maybe all of it
+        ran = engine.run(ShardJob(config, input_dir.absolute(), output_dir.absolute(), legacy_outputs),
+                         feed, progress.update) if first else None
+    except UnorderedRecords as e:
+        raise JobError(f"{e} Rerun with --overwrite to start over") from None
     finally:
         progress.close()
     t_end = time.perf_counter()
 
-    index.update(shards)
-    counts = index.merge(output_dir)        # faces.jsonl and bounding_boxes.txt, in input order
-    labels = labels_of(index.identities_written())
+    unchanged = records.base_alone()        # the records, and so the packed files, are the last run's
+    counts = records.merge(output_dir, state.journal_paths(prefix))     # faces.jsonl, bounding_boxes.txt
+    labels = labels_of(records.identities_written())
     splits = None
     if config.split:
         splits, tops_identities = fold_splits(output_dir, output_arg, config.split, config.split_by,
-                                              writer.packed, settled=unchanged and not shards)
-    if writer.packed and not (unchanged and not shards and writer.complete()):
+                                              writer.packed, settled=unchanged and not ran)
+    if writer.packed and not (unchanged and not ran and writer.complete()):
         if config.split:        # one set of files per split (and held_out), labelled per folder
             writer.assemble_in(state.root, [(output_dir / top, _written_faces(output_dir, top),
                                              labels_of(tops_identities.get(top, ()))) for top in tops])
@@ -305,21 +326,22 @@ def _run(config, engine, input_dir, output_dir, output_arg, state, finished, fou
     # from every worker holding its nets (they start together) to the last shard's records
     processing_s = (ran.done_at - ran.ready_at) if ran else t_end - t_work
     summary = {
-        "input_dir": str(input_dir), "output_dir": output_arg, "images": len(job.tasks),
+        "input_dir": str(input_dir), "output_dir": output_arg, "images": records.tasks,
         "aligned": counts["aligned"], "no_face": counts["no_face"],
         "unreadable": counts["unreadable"], "too_costly": counts["too_costly"],
         "errors": counts["error"],
-        "skipped": counts["not_an_image"] + counts["skipped_existing"] + len(job.skipped),
+        "skipped": counts["not_an_image"] + counts["skipped_existing"] + len(skipped),
         "faces_written": counts["faces_written"], "num_classes": len(labels),
         "output_format": config.output_format, "packed": writer.describe(),
         "not_an_image": counts["not_an_image"], "skipped_existing": counts["skipped_existing"],
-        "skipped_entries": job.skipped,
-        "processed_this_run": len(pending),
+        "skipped_entries": skipped,
+        "processed_this_run": records.tasks - records.done,
         "engine": engine.name,
         "backend": backend_name(),
         "workers": ran.workers if ran else 0,
         "wall_s": round(t_end - t0, 3), "processing_s": round(processing_s, 3),
-        "images_per_s": round(len(pending) / processing_s, 2) if processing_s > 0 else None,
+        "images_per_s": round((records.tasks - records.done) / processing_s, 2) if processing_s > 0 else None,
+        "first_shard_s": round(feed.first_at - t0, 3) if feed.first_at else None,
         "peak_rss_mb": round(_peak_rss_mb(), 1),
         "options": options, "legacy_outputs": legacy_outputs,
     }
@@ -328,6 +350,6 @@ def _run(config, engine, input_dir, output_dir, output_arg, state, finished, fou
         summary["splits"] = splits
     write_summary(output_dir, summary)
     report_or_warn(output_dir, config)
-    _remove_empty_identities(output_dir, identities, tops)
+    _remove_empty_identities(output_dir, identities, trees)
     state.remove()          # the run is finished: OUTPUT_DIR is a training set as it stands
     return summary

@@ -16,7 +16,7 @@ from typing import Callable
 
 from align.config import Config
 from align.dataset import Shard
-from align.records import StateDir
+from align.records import StateDir, dumps
 
 
 @dataclass(frozen=True)
@@ -41,13 +41,16 @@ Progress = Callable[[int, int, int], None]      # (images, faces written, failur
 Cancelled = Callable[[], bool]                  # True once the shard's results are not wanted
 
 _detector = None
+# benchmarks only (bench/scale.py): a shard function that reads no photo and loads no net, and
+# journals one made-up "aligned" record per photo without fsync, so that what a benchmark
+# measures is the client, the scheduler and the records. Its outputs are not a training set.
+BENCH_NO_NETS = "ALIGN_BENCH_NO_NETS"
 
 
 def configure_threads(threads: int, gpu_memory_fraction: float) -> None:
-    """Threads of this process's OpenCV and of Keras's backend, and TF's GPU memory. Where the
-    backend has already started in the process (a caller's script re-imported by spawn, say),
-    it keeps what it has. On a GPU the nets run in full float32, as facenet's: no TF32, which
-    Ampere and later GPUs use by default for convolutions and matrix products."""
+    """Threads of this process's OpenCV and of Keras's backend, and TF's GPU memory; and the
+    nets' arithmetic (full_float32). Where the backend has already started in the process (a
+    caller's script re-imported by spawn, say), it keeps what it has."""
     import cv2
     cv2.setNumThreads(threads)
     from facenet_nets import backend_name
@@ -55,8 +58,6 @@ def configure_threads(threads: int, gpu_memory_fraction: float) -> None:
     if backend == "torch":
         import torch
         torch.set_num_threads(threads)
-        torch.backends.cudnn.allow_tf32 = False
-        torch.backends.cuda.matmul.allow_tf32 = False
         try:
             torch.set_num_interop_threads(1)
         except RuntimeError:
@@ -66,10 +67,25 @@ def configure_threads(threads: int, gpu_memory_fraction: float) -> None:
         if "intra_op_parallelism_threads" not in flags:
             os.environ["XLA_FLAGS"] = (f"{flags} --xla_cpu_multi_thread_eigen={str(threads > 1).lower()} "
                                        f"intra_op_parallelism_threads={threads}").strip()
+    elif backend == "tensorflow":
+        _configure_tensorflow(threads, gpu_memory_fraction)
+    full_float32(backend)
+
+
+def full_float32(backend: str) -> None:
+    """On a GPU the nets run in full float32, as facenet's: no TF32, which Ampere and later GPUs
+    use by default for convolutions and matrix products (boxes moved by up to 33 px on an H200;
+    docs/performance.md). No effect on a CPU."""
+    if backend == "torch":
+        import torch
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+    elif backend == "jax":
         import jax
         jax.config.update("jax_default_matmul_precision", "highest")
     elif backend == "tensorflow":
-        _configure_tensorflow(threads, gpu_memory_fraction)
+        import tensorflow as tf
+        tf.config.experimental.enable_tensor_float_32_execution(False)
 
 
 def _configure_tensorflow(threads: int, gpu_memory_fraction: float) -> None:
@@ -79,7 +95,6 @@ def _configure_tensorflow(threads: int, gpu_memory_fraction: float) -> None:
         tf.config.threading.set_inter_op_parallelism_threads(1)
     except RuntimeError:
         pass
-    tf.config.experimental.enable_tensor_float_32_execution(False)
     gpus = tf.config.list_physical_devices("GPU")
     try:
         for gpu in gpus:
@@ -118,6 +133,8 @@ def load_nets(threads: int = 1, gpu_memory_fraction: float = 1.0, nets_server: s
     nets are that server's: then this process loads no net and no framework. Later calls
     return it as it is."""
     global _detector
+    if os.environ.get(BENCH_NO_NETS):
+        return None
     if _detector is None and nets_server:
         import cv2
         from align.detect import Detector
@@ -139,6 +156,8 @@ def run_shard(job: ShardJob, shard: Shard, progress: Progress | None = None,
     """Align the shard's images that its journal lacks (or records as "error") into
     job.output_dir; returns what this call did. `progress` hears of every batch once its
     records are journaled; once `cancelled()` is true no further batch is written."""
+    if os.environ.get(BENCH_NO_NETS):
+        return _made_up_shard(job, shard, progress)
     from align.aligner import Aligner
     aligner = Aligner(job.config, job.input_dir, job.output_dir,
                       load_nets(1, job.config.gpu_memory_fraction))
@@ -154,6 +173,27 @@ def run_shard(job: ShardJob, shard: Shard, progress: Progress | None = None,
     journal = StateDir(job.output_dir).journal(shard.key)
     aligner.run_shard(shard, journal, job.legacy_outputs, count, cancelled)
     return ShardDone(*done)
+
+
+def _made_up_shard(job: ShardJob, shard: Shard, progress: Progress | None) -> ShardDone:
+    """BENCH_NO_NETS's shard function: a record shaped as the aligner's (one face, its box,
+    landmarks and written entry) for each task, appended without fsync."""
+    journal = StateDir(job.output_dir).journal(shard.key)
+    records = []
+    for i, t in enumerate(shard.tasks):
+        x, y = 20.0 + i, 30.5 + i
+        out = f"{t.out_base}.{job.config.format}"
+        records.append({"input": t.rel, "status": "aligned", "reason": None, "size": [250, 250],
+                        "output": out, "faces": [{"box": [x, y, x + 80.25, y + 96.5], "score": 0.99987,
+                        "landmarks": [[x + 20.5, y + 30.5], [x + 60.5, y + 30.5], [x + 40.5, y + 50.5],
+                                      [x + 25.5, y + 70.5], [x + 55.5, y + 70.5]]}],
+                        "written": [{"face": 0, "crop_box": [int(x) - 22, int(y) - 22, int(x) + 102, int(y) + 118],
+                                     "output": out}]})
+    with open(journal.path, "a", encoding="utf-8") as f:
+        f.write("".join(dumps(r) + "\n" for r in records))
+    if progress:
+        progress(len(records), len(records), 0)
+    return ShardDone(len(records), len(records), 0)
 
 
 def failed_shard(job: ShardJob, shard: Shard, reason: str) -> ShardDone:

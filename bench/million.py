@@ -13,8 +13,8 @@ Builds once (and keeps under --root) a job of --photos inputs whose every photo 
             aligned them. No thumbnails: nothing reads them.
 Then, each in a fresh process (its peak RSS its own), on output/ made anew from state/ (hard
 links) for each:
-  parts:     walk, RecordIndex scan of the journals, merge (faces.jsonl, bounding_boxes.txt),
-             timed apart;
+  parts:     the walk joined with the journals (Records.plan: the journals sorted by input,
+             merged, joined), then the merge (faces.jsonl, bounding_boxes.txt), timed apart;
   journals:  align_dataset(input, output) on the journals: what every rerun of a finished job
              did before OUTPUT_DIR became a training set (the state was kept), and what the end
              of a run does now (it then folds the state away);
@@ -134,25 +134,21 @@ def fresh_output(root: Path) -> Path:
 
 
 def parts(root: Path) -> dict:
-    from align.dataset import walk
-    from align.records import RecordIndex, StateDir
+    from align.dataset import walk_identities
+    from align.records import Records, StateDir
 
     output = fresh_output(root)
     out = {"rss_start_mb": rss_mb()[0]}
     t0, c0 = time.perf_counter(), time.process_time()
-    tasks = walk(root / "input").tasks
-    out["walk_s"], out["walk_cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
-    out["rss_after_walk_mb"] = rss_mb()[0]
-    t0, c0 = time.perf_counter(), time.process_time()
-    index = RecordIndex(tasks, StateDir(output), str(output))
-    index.scan()
-    pending = index.pending()
+    records = Records(StateDir(output), str(output))
+    tasks = (t for _, ts in walk_identities(root / "input") for t in ts)
+    pending = sum(1 for _ in records.plan(tasks))
     out["scan_s"], out["scan_cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
     out["rss_after_scan_mb"] = rss_mb()[0]
     t0, c0 = time.perf_counter(), time.process_time()
-    out["counts"] = index.merge(output)
+    out["counts"] = records.merge(output)
     out["merge_s"], out["merge_cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
-    out["tasks"], out["pending"] = len(tasks), len(pending)
+    out["tasks"], out["pending"] = records.tasks, pending
     out["rss_end_mb"], out["peak_rss_mb"] = rss_mb()
     out["faces_sha1"] = sha1(output / "faces.jsonl")
     return out
@@ -173,7 +169,7 @@ def resume(root: Path, fresh: bool = True) -> dict:
 
 
 def old(root: Path) -> dict:
-    """The in-memory merge that RecordIndex replaced (every record in a dict, faces.jsonl and
+    """The in-memory merge of releases before the streamed one (every record in a dict, faces.jsonl and
     bounding_boxes.txt built as strings), for comparison; writes nothing."""
     from align.dataset import walk
     from align.records import StateDir, bounding_box_lines, dumps
@@ -248,13 +244,12 @@ def main() -> None:
     assert a["faces_sha1"] == b["faces_sha1"] == f["faces_sha1"], "the resumes wrote other bytes than the merge"
     n = a["tasks"]
     print(f"\n{n} photos, {a['counts']['faces_written']} faces written ({a['counts']})")
-    print(f"walk {a['walk_s']:.1f} s, journal scan {a['scan_s']:.1f} s, merge {a['merge_s']:.1f} s; "
+    print(f"walk and journal scan {a['scan_s']:.1f} s, merge {a['merge_s']:.1f} s; "
           f"peak RSS {a['peak_rss_mb']:.0f} MB")
-    print(f"  CPU (user+sys) of the same: walk {a['walk_cpu_s']:.1f} s, scan {a['scan_cpu_s']:.1f} s, "
+    print(f"  CPU (user+sys) of the same: walk and scan {a['scan_cpu_s']:.1f} s, "
           f"merge {a['merge_cpu_s']:.1f} s; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-    print(f"RSS: start {a['rss_start_mb']:.0f} MB, after the walk {a['rss_after_walk_mb']:.0f} MB "
-          f"({(a['rss_after_walk_mb'] - a['rss_start_mb']) * 2**20 / n:.0f} B/photo), after the scan "
-          f"{a['rss_after_scan_mb']:.0f} MB (+{(a['rss_after_scan_mb'] - a['rss_after_walk_mb']) * 2**20 / n:.0f} B/photo)")
+    print(f"RSS: start {a['rss_start_mb']:.0f} MB, after the walk and scan {a['rss_after_scan_mb']:.0f} MB "
+          f"({(a['rss_after_scan_mb'] - a['rss_start_mb']) * 2**20 / n:.0f} B/photo)")
     print(f"a run's end on the journals (align_dataset, nothing pending; then it folds them away): "
           f"{b['resume_s']:.1f} s ({b['resume_cpu_s']:.1f} s CPU), peak RSS {b['peak_rss_mb']:.0f} MB")
     print(f"no-op resume of the finished job (align_dataset on faces.jsonl, no state): "

@@ -31,7 +31,7 @@ LFW_GWB = SHARED / "faces" / "lfw_gwb"
 DEV = SHARED / "faces" / "dev"
 DEV_REFERENCE = SHARED / "reference" / "facenet_dev.jsonl"
 
-TIMING_KEYS = ("wall_s", "processing_s", "images_per_s", "peak_rss_mb")
+TIMING_KEYS = ("wall_s", "processing_s", "images_per_s", "first_shard_s", "peak_rss_mb")
 SAMPLE_FILES = ["Eileen_Collins/astronaut.png", "Grace_Hopper/grace_hopper.jpg", "Group/t1.jpg"]
 STATUSES = {"aligned", "no_face", "unreadable", "not_an_image", "skipped_existing"}
 

@@ -5,6 +5,7 @@ OUTPUT_DIR or find the weights, records a shard that fails on every try as error
 run, and leaves nothing running or writing when its client dies."""
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import shutil
@@ -329,3 +330,98 @@ def test_dev_set_dask_equals_local(tmp_path):
         (tmp_path / engine).mkdir()
         ok(run_align(DEV, "out", "--engine", engine, "--workers", 2, "--quiet", cwd=tmp_path / engine))
     assert_same_tree(tmp_path / "local" / "out", tmp_path / "dask" / "out", ignore_summary_keys=IGNORE)
+
+
+@pytest.fixture(scope="module")
+def many_photos(sample_paths, tmp_path_factory) -> tuple[Path, Path]:
+    """(INPUT_DIR, the local engine's OUTPUT_DIR): 192 photos in 24 identities, copies of the
+    samples: enough shards of 32 for workers that join half-way to get some."""
+    root = tmp_path_factory.mktemp("many") / "in"
+    files = list(sample_paths.values())
+    for k in range(192):
+        src = files[k % len(files)]
+        (root / f"id{k // 8:02d}").mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, root / f"id{k // 8:02d}" / f"{k % 8}{src.suffix}")
+    cwd = tmp_path_factory.mktemp("many_local")
+    ok(run_align(root, "out", "--workers", 2, "--quiet", "--no-report", cwd=cwd))
+    return root, cwd / "out"
+
+
+def test_workers_that_join_and_leave_mid_run_get_shards_and_lose_nothing(many_photos, tmp_path, monkeypatch):
+    """A LocalCluster of one worker scaled to three once the first batch is journaled (what
+    Dask's adaptive scaling and dask-jobqueue do), then back to one while all three hold shards:
+    the joining workers run shards, the leaving ones' shards are rerun, and the tree is the
+    local engine's."""
+    import threading
+
+    from distributed import Client, LocalCluster, get_task_stream
+    from align import align_dataset
+    photos, local_out = many_photos
+    monkeypatch.chdir(tmp_path)                 # "out", as the local run's records name it
+    out = tmp_path / "out"
+    seen: dict = {}
+
+    def conduct(cluster, client) -> None:
+        try:
+            deadline = time.monotonic() + 240
+            while journal_lines(out) < 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            first = set(client.scheduler_info()["workers"])
+            cluster.scale(3)
+            client.wait_for_workers(3, timeout=120)
+            while time.monotonic() < deadline:          # all three hold shards
+                busy = {w for w, keys in client.processing().items() if keys}
+                if len(busy) == 3:
+                    break
+                time.sleep(0.05)
+            seen.update(first=first, joined=set(client.scheduler_info()["workers"]) - first,
+                        done_before_leaving=journal_lines(out), busy=busy)
+            cluster.scale(1)
+        except Exception as e:          # shown by the test's asserts
+            seen["error"] = repr(e)
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as client, get_task_stream(client) as stream:
+        conductor = threading.Thread(target=conduct, args=(cluster, client), daemon=True)
+        conductor.start()
+        summary = align_dataset(photos, "out", client=client, quiet=True, report=False)
+        conductor.join(60)
+        ran = [(t["worker"], t["key"]) for t in stream.data if str(t["key"]).startswith("align-shard")]
+    assert "error" not in seen, seen
+    assert len(seen["joined"]) == 2 and len(seen["busy"]) == 3, seen
+    assert seen["done_before_leaving"] < 192, "the run ended before workers left"
+    for worker in seen["joined"]:
+        assert any(w == worker for w, _ in ran), f"{worker} joined but ran no shard: {ran}"
+    assert summary["workers"] == 3 and summary["aligned"] == 192
+    assert_same_tree(local_out, out, ignore_summary_keys=IGNORE)
+
+
+@pytest.mark.parametrize("engine", ["local", "dask"])
+def test_progress_comes_per_batch_of_photos_not_per_shard(engine, photos, tmp_path):
+    """36 photos in 2 shards of 18: progress hears of each detection batch (BATCH photos at
+    most) as its records are journaled, under either engine."""
+    from distributed import Client, LocalCluster
+    from align.aligner import BATCH
+    from align.config import Config
+    from align.dataset import walk
+    from align.engines import ShardFeed, make_engine
+    from align.records import StateDir
+    from align.worker import ShardJob
+    out = tmp_path / "out"
+    StateDir(out).journals.mkdir(parents=True)
+    feed = ShardFeed(iter(walk(photos).tasks), "r00001-", workers=1)
+    assert [len(s.tasks) for s in feed.peek(3)] == [18, 18]
+    calls = []
+    job = ShardJob(Config(quiet=True), photos, out)
+    with contextlib.ExitStack() as stack:
+        client = None
+        if engine == "dask":
+            cluster = stack.enter_context(LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                                                       dashboard_address=None))
+            client = stack.enter_context(Client(cluster))
+        make_engine(engine, 1, client=client).run(job, feed, lambda *counts: calls.append(counts))
+        deadline = time.monotonic() + 10            # worker events may come after the last result
+        while sum(n for n, _, _ in calls) < 36 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert sum(n for n, _, _ in calls) == 36 and sum(f for _, f, _ in calls) == 36, calls
+    assert max(n for n, _, _ in calls) <= BATCH < 18 and len(calls) >= 4, calls

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from align.dataset import Shard, Task
 from align.detect import MAX_PYRAMID_LEVEL_PIXELS, TooCostly
 from align.imageio import UnreadableImage
 from align.records import StateDir, is_transient, needs_work
+from test_cli import sample_dir  # noqa: F401 (a fixture)
 
 
 def shard_of(*names: str) -> Shard:
@@ -124,22 +126,35 @@ def test_options_without_bounds_are_refused(options):
         Config(**options)
 
 
-def test_workers_are_bounded_by_shards_and_memory():
+def test_workers_are_bounded_by_shards_cores_and_memory():
     gb = 1_000_000_000
     assert WORKER_MEMORY_BYTES == 1.5 * gb
-    assert bounded_workers(8, 3, available=64 * gb) == (3, None)          # the shards bound them
-    assert bounded_workers(1, 0, available=64 * gb) == (1, None)
-    assert bounded_workers(4, 10, available=6 * gb) == (4, None)          # exactly 4 x 1.5 GB
-    assert bounded_workers(5, 10, available=6 * gb)[0] == 4               # one more does not fit
-    n, warning = bounded_workers(10_000, 10_000, available=int(6.9 * gb))
+    assert bounded_workers(8, 3, available=64 * gb, cores=64) == (3, None)    # the shards bound them
+    assert bounded_workers(1, 0, available=64 * gb, cores=64) == (1, None)
+    assert bounded_workers(4, 10, available=6 * gb, cores=64) == (4, None)    # exactly 4 x 1.5 GB
+    assert bounded_workers(5, 10, available=6 * gb, cores=64)[0] == 4         # one more does not fit
+    n, warning = bounded_workers(10_000, 10_000, available=int(6.9 * gb), cores=64)
     assert n == 4
-    assert warning == ("--workers 10000: 6.9 GB of memory available holds 4 worker(s) of ~1.5 GB; "
+    assert warning == ("--workers 10000: this machine has 64 usable core(s); starting 64 at most; "
+                       "--workers 10000: 6.9 GB of memory available holds 4 worker(s) of ~1.5 GB; "
                        "starting 4")
-    n, warning = bounded_workers(3, 10, available=gb)                    # less than one worker's
+    n, warning = bounded_workers(3, 10, available=gb, cores=64)              # less than one worker's
     assert n == 1 and "holds 1 worker(s)" in warning
-    # by default, the memory available now: this machine holds no 10,000 workers
+    n, warning = bounded_workers(200, 10_000, available=64 * gb, cores=2)     # the cores bound them
+    assert (n, warning) == (2, "--workers 200: this machine has 2 usable core(s); starting 2 at most")
+    # by default, the cores usable and the memory available now: no 10,000 workers here
     n, warning = bounded_workers(10_000, 10_000)
-    assert 1 <= n < 10_000 and "GB of memory available" in warning and "--workers 10000" in warning
+    assert 1 <= n <= os.cpu_count() and "usable core(s)" in warning and "--workers 10000" in warning
+
+
+def test_more_workers_than_cores_are_capped_with_a_warning(sample_dir, tmp_path):
+    """--workers 200 on this machine: as many workers as usable cores (each a framework's
+    memory), a warning line, and the run as with the default."""
+    from test_cli import ok, run_align, summary
+    p = run_align(sample_dir, tmp_path / "out", "--workers", 200, "--quiet")
+    ok(p)
+    assert f"--workers 200: this machine has {len(os.sched_getaffinity(0))} usable core(s)" in p.stderr, p.stderr
+    assert summary(tmp_path / "out")["workers"] <= len(os.sched_getaffinity(0))
 
 
 @pytest.mark.parametrize("spelling, value", [("--detect_multiple_faces=True", True),

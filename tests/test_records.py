@@ -1,4 +1,4 @@
-"""The streaming merge (RecordIndex): which record of an input wins, input order, torn journals,
+"""The streaming merge (Records): which record of an input wins, input order, torn journals,
 and the bytes of faces.jsonl and bounding_boxes.txt against the records each test wrote into the
 journals, laid out by hand (expected_merge)."""
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pickle
 import pytest
 
 from align.dataset import Shard, Task, walk
-from align.records import Journal, RecordIndex, StateDir
+from align.records import Journal, Records, StateDir
 
 OUTPUT_ARG = "~/out dir/é"      # as the user typed it: bounding_boxes.txt repeats it
 
@@ -41,10 +41,9 @@ def expected_merge(winners: list[dict]) -> tuple[bytes, bytes, dict]:
 
 def merged(state: StateDir, tasks: list[Task], run: list[Shard] = ()) -> tuple[bytes, bytes, dict]:
     out = state.root.parent
-    index = RecordIndex(tasks, state, OUTPUT_ARG)
-    index.scan()
-    index.update(run)
-    counts = index.merge(out)
+    index = Records(state, OUTPUT_ARG)
+    list(index.plan(iter(tasks)))
+    counts = index.merge(out, [state.journal(s.key).path for s in run])
     return (out / "faces.jsonl").read_bytes(), (out / "bounding_boxes.txt").read_bytes(), counts
 
 
@@ -93,28 +92,28 @@ def state(tmp_path) -> StateDir:
     return s
 
 
-# names that sort otherwise than the walk orders them ("a b" < "a/"), non-ASCII, and a name
-# that was not valid UTF-8 (a surrogate escape, as os.fsdecode gives it)
-TASKS = [task(rel) for rel in ("a/2.jpg", "a/10.jpg", "a b/x.jpg", "é/ü.jpg",
-                               "z/\udcff.jpg", "z/cat.txt", "z/dog.jpg")]
-STATUS = ["aligned", "no_face", "aligned", "aligned", "unreadable", "not_an_image", "aligned"]
+# the walk's order, which is not the order of the input paths as strings ("a b/" < "a/"):
+# identities by name ("a" < "a b" < "z" < "é"), then their files by name ("10" < "2"); names that
+# are not ASCII, and one that was not valid UTF-8 (a surrogate escape, as os.fsdecode gives it)
+TASKS = [task(rel) for rel in ("a/10.jpg", "a/2.jpg", "a b/x.jpg", "z/cat.txt", "z/dog.jpg",
+                               "z/\udcff.jpg", "é/ü.jpg")]
+STATUS = ["no_face", "aligned", "aligned", "not_an_image", "aligned", "unreadable", "aligned"]
 
 
 def test_merge_writes_the_records_in_input_order_whatever_journal_holds_them(state):
-    recs = [record(t.rel, s, faces=2 if i == 3 else 1) for i, (t, s) in enumerate(zip(TASKS, STATUS))]
-    state.journal("c").append([recs[6], recs[0]])           # journal order is not input order
-    state.journal("a").append([recs[3], recs[5], recs[1]])
-    state.journal("b").append([recs[4], recs[2], record("gone/x.jpg", "aligned")])  # not in the walk
+    recs = [record(t.rel, s, faces=2 if i == 6 else 1) for i, (t, s) in enumerate(zip(TASKS, STATUS))]
+    state.journal("c").append([recs[4], recs[1]])           # journal order is not input order
+    state.journal("a").append([recs[6], recs[3], recs[0]])
+    state.journal("b").append([recs[5], recs[2], record("gone/x.jpg", "aligned")])  # not in the walk
     faces, boxes, counts = merged(state, TASKS)
     assert [json.loads(line)["input"] for line in faces.splitlines()] == [t.rel for t in TASKS]
     assert (faces, boxes, counts) == expected_merge(recs)
     assert counts == {"aligned": 4, "no_face": 1, "unreadable": 1, "too_costly": 0, "not_an_image": 1,
                       "skipped_existing": 0, "error": 0, "faces_written": 5}
     assert boxes.decode("utf-8", "surrogateescape").splitlines() == [
-        "~/out dir/é/a/2.png 0 1 150 170", "~/out dir/é/a/10.png",
-        "~/out dir/é/a b/x.png 0 1 150 170",
-        "~/out dir/é/é/ü_0.png 0 1 150 170", "~/out dir/é/é/ü_1.png 0 2 150 170",
-        "~/out dir/é/z/dog.png 0 1 150 170"]
+        "~/out dir/é/a/10.png", "~/out dir/é/a/2.png 0 1 150 170",
+        "~/out dir/é/a b/x.png 0 1 150 170", "~/out dir/é/z/dog.png 0 1 150 170",
+        "~/out dir/é/é/ü_0.png 0 1 150 170", "~/out dir/é/é/ü_1.png 0 2 150 170"]
     assert b"\\udcff" in faces                     # the journal's JSON escape, copied as it is
 
 
@@ -125,9 +124,8 @@ def test_a_finished_record_wins_over_an_error_in_another_journal(state, error_jo
                                          record("p/y.jpg", "aligned")])
     state.journal(retry_journal).append([record("p/x.jpg", "aligned"),
                                          record("p/z.jpg", "error", reason="OSError: full")])
-    index = RecordIndex(tasks, state, OUTPUT_ARG)
-    index.scan()
-    assert index.pending() == [tasks[2]]
+    index = Records(state, OUTPUT_ARG)
+    assert list(index.plan(iter(tasks))) == [tasks[2]]
     faces, boxes, counts = merged(state, tasks)
     assert [json.loads(line)["status"] for line in faces.splitlines()] == ["aligned", "aligned", "error"]
     assert (faces, boxes, counts) == expected_merge([record("p/x.jpg", "aligned"), record("p/y.jpg", "aligned"),
@@ -148,13 +146,11 @@ def test_a_runs_own_outcome_wins_over_an_older_error(state, old, new):
     run reports its own failure, wherever the journals sort (as the in-memory merge did)."""
     tasks = [task("p/x.jpg"), task("p/y.jpg")]
     state.journal(old).append([record("p/x.jpg", "error", reason="old"), record("p/y.jpg", "aligned")])
-    index = RecordIndex(tasks, state, OUTPUT_ARG)
-    index.scan()
-    assert index.pending() == [tasks[0]]
+    index = Records(state, OUTPUT_ARG)
+    assert list(index.plan(iter(tasks))) == [tasks[0]]
     shard = Shard(new, (tasks[0],))
     state.journal(new).append([record("p/x.jpg", "error", reason="new")])     # what the run did
-    index.update([shard])
-    index.merge(state.root.parent)
+    index.merge(state.root.parent, [state.journal(shard.key).path])
     faces = (state.root.parent / "faces.jsonl").read_bytes()
     assert faces == expected_merge([record("p/x.jpg", "error", reason="new"), record("p/y.jpg", "aligned")])[0]
 
@@ -168,9 +164,8 @@ def test_torn_tails_are_cut_as_journal_load_cuts_them(state):
     with open(state.journals / "b.jsonl", "ab") as f:                     # a line of garbage
         f.write(b'{"input": "p/2.jpg", "status": "aligned", \x00\x00\n')
         f.write(line(record(tasks[2].rel, "no_face")).encode())
-    index = RecordIndex(tasks, state, OUTPUT_ARG)
-    index.scan()
-    assert index.pending() == [tasks[2]]                # neither torn line counts
+    index = Records(state, OUTPUT_ARG)
+    assert list(index.plan(iter(tasks))) == [tasks[2]]                # neither torn line counts
     for name in ("a", "b"):                             # both cut after their last good line
         assert state.journal(name).path.read_bytes().endswith(b"]}\n")
         assert len(state.journal(name).path.read_bytes().splitlines()) == {"a": 2, "b": 1}[name]
@@ -182,18 +177,16 @@ def test_torn_tails_are_cut_as_journal_load_cuts_them(state):
 def test_an_input_without_a_record_stops_the_merge_and_leaves_no_output(state):
     tasks = [task("p/x.jpg"), task("p/y.jpg")]
     state.journal("a").append([record("p/x.jpg", "aligned")])
-    index = RecordIndex(tasks, state, OUTPUT_ARG)
-    index.scan()
-    assert index.pending() == [tasks[1]]
+    index = Records(state, OUTPUT_ARG)
+    assert list(index.plan(iter(tasks))) == [tasks[1]]
     with pytest.raises(RuntimeError, match="p/y.jpg"):
         index.merge(state.root.parent)
     assert not (state.root.parent / "faces.jsonl").exists()
 
 
 def test_no_journals_no_records(state):
-    index = RecordIndex([], state, OUTPUT_ARG)
-    index.scan()
-    assert index.pending() == []
+    index = Records(state, OUTPUT_ARG)
+    assert list(index.plan(iter([]))) == []
     assert index.merge(state.root.parent)["faces_written"] == 0
     assert (state.root.parent / "faces.jsonl").read_bytes() == b""
 
@@ -252,3 +245,55 @@ def test_journal_reads_each_line_as_json_loads_does(tmp_path, text):
         return
     assert Journal(ours).load() == expected
     assert ours.read_bytes() == theirs.read_bytes()  # cut at the same place
+
+
+# --- streaming -----------------------------------------------------------------------------------
+def test_journals_sorted_on_disk_merge_as_those_sorted_in_memory(state, monkeypatch):
+    """More records than SORT_ENTRIES: sorted a few at a time into temporary files, then merged;
+    the same bytes as when all fit in memory."""
+    tasks = [task(f"id{i % 7}/{i:03d}.jpg") for i in range(300)]
+    tasks.sort(key=lambda t: t.rel)
+    for j in range(30):
+        state.journal(f"{j:03d}").append([record(t.rel, STATUS[k % 4]) for k, t in enumerate(tasks)
+                                          if k % 30 == j])
+    in_memory = merged(state, tasks)
+    monkeypatch.setattr("align.records.SORT_ENTRIES", 7)
+    monkeypatch.setattr("align.records.SPILL_BLOCK", 3)
+    spilled = merged(state, tasks)
+    assert spilled == in_memory == expected_merge([record(t.rel, STATUS[k % 4]) for k, t in enumerate(tasks)])
+    assert not list(state.root.glob("tmp*")), "a temporary file left in the state folder"
+
+
+def test_the_walk_is_joined_as_it_goes(state):
+    """plan() yields a task to do before the walk has gone further than the next record: the
+    first shard of a job of any size goes out at once."""
+    state.journal("a").append([record(f"p/{i:04d}.jpg", "aligned") for i in range(10)])
+    pulled = []
+
+    def walk():
+        for i in range(10**9):                  # a walk that never ends
+            pulled.append(i)
+            yield task(f"p/{i:04d}.jpg")
+
+    from align.engines import ShardFeed
+    feed = ShardFeed(Records(state, OUTPUT_ARG).plan(walk()), "r00001-", workers=2)
+    shard = next(feed)
+    assert shard.key.startswith("r00001-") and shard.tasks[0].rel == "p/0010.jpg"
+    assert len(shard.tasks) == 32 and len(pulled) <= 10 + 2 * 32 * 2 + 1, len(pulled)
+
+
+def test_a_faces_jsonl_out_of_input_order_is_refused(state):
+    out = state.root.parent
+    (out / "faces.jsonl").write_text(line(record("p/b.jpg", "aligned")) + line(record("p/a.jpg", "aligned")))
+    from align.records import UnorderedRecords
+    with pytest.raises(UnorderedRecords, match="not in input order .at .p.a.jpg.*was it edited"):
+        list(Records(state, OUTPUT_ARG, base=out / "faces.jsonl").plan(iter([task("p/a.jpg"), task("p/b.jpg")])))
+
+
+def test_the_run_prefix_follows_every_journal(state):
+    from align.records import run_prefix
+    assert run_prefix(state) == "r00001-"
+    state.journal("0123abcd").append([record("p/a.jpg", "aligned")])     # an earlier release's
+    state.journal("r00007-0123abcd").append([record("p/a.jpg", "aligned")])
+    assert run_prefix(state) == "r00008-"
+    assert state.journal_names() == ["0123abcd", "r00007-0123abcd"]      # the order they count in

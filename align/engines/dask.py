@@ -9,9 +9,15 @@
   system). A worker that cannot is named in the error.
 - A WorkerPlugin loads the nets once per worker process (TensorFlow on the worker's nthreads
   threads), on the workers there are and on any that join later.
-- Shards go out with `client.map(..., pure=False, retries=RETRIES)`; a worker that dies
-  mid-shard has the shard rerun elsewhere (the journal keeps what it finished). A shard that
-  fails on every try gets "error" records for its images, which the next run retries.
+- Shards go out as they are cut (`client.submit(..., pure=False, retries=RETRIES)` into one
+  `as_completed`), IN_FLIGHT per worker thread connected at most, so neither the client nor
+  the scheduler holds more than that whatever the job's size; the threads are counted again
+  every THREADS_EVERY_S, and shards are cut for them: workers that join mid-run (adaptive
+  scaling, dask-jobqueue) get shards, and a worker that leaves has its shard rerun elsewhere
+  (the journal keeps what it finished). A shard that fails on every try gets "error" records
+  for its images, which the next run retries.
+- Progress is per batch of photos: each batch's counts are a worker event on a topic of the
+  run's, which the client subscribes to.
 - No worker writes after the client is gone: the scheduler then releases the client's tasks,
   and a running shard asks its worker before writing each batch whether its task is still
   wanted (it stops within one batch). A LocalCluster's processes die with the client.
@@ -38,13 +44,14 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from align.config import bounded_workers
 from align.dataset import Shard
 from align.durable import write_atomic
-from align.engines import EngineRun, Interrupted, JobError
+from align.engines import IN_FLIGHT, EngineRun, Interrupted, JobError, ShardFeed
 from align.engines.local import worker_malloc_env
 from align.worker import Progress, ShardDone, ShardJob, failed_shard, load_nets, run_shard
 
 RETRIES = 2                     # reruns of a shard whose task raised, on top of the first try
 PLUGIN = "align-dataset-nets"
 CONNECT_TIMEOUT_S = 30
+THREADS_EVERY_S = 1.0           # how often the client asks the scheduler how many threads it has
 
 
 class NetsPlugin(WorkerPlugin):
@@ -99,8 +106,9 @@ def _still_wanted():
     return cancelled
 
 
-def _shard_task(shard: Shard, job: ShardJob) -> ShardDone:
-    return run_shard(job, shard, cancelled=_still_wanted())
+def _shard_task(shard: Shard, job: ShardJob, topic: str) -> ShardDone:
+    worker = distributed.get_worker()
+    return run_shard(job, shard, lambda *counts: worker.log_event(topic, counts), _still_wanted())
 
 
 class DaskEngine:
@@ -113,7 +121,7 @@ class DaskEngine:
         self.own_cluster = client is None and not self.scheduler
 
     @contextlib.contextmanager
-    def _connect(self, shards: int):
+    def _connect(self, feed: ShardFeed):
         """A client on the cluster; closed afterwards if opened here (a LocalCluster too)."""
         if self.client is not None:
             yield self.client
@@ -126,7 +134,7 @@ class DaskEngine:
             with client:
                 yield client
             return
-        workers, warning = bounded_workers(self.workers, shards)
+        workers, warning = bounded_workers(self.workers, len(feed.peek(self.workers)))
         if warning:
             print(f"align_dataset: {warning}", file=sys.stderr, flush=True)
         with worker_malloc_env():
@@ -136,14 +144,14 @@ class DaskEngine:
         with cluster, distributed.Client(cluster) as client:
             yield client
 
-    def run(self, job: ShardJob, shards: list[Shard], progress: Progress) -> EngineRun:
+    def run(self, job: ShardJob, feed: ShardFeed, progress: Progress) -> EngineRun:
         try:
-            with self._connect(len(shards)) as client:
-                return self._run(client, job, shards, progress)
+            with self._connect(feed) as client:
+                return self._run(client, job, feed, progress)
         except KeyboardInterrupt:
             raise Interrupted() from None
 
-    def _run(self, client, job: ShardJob, shards: list[Shard], progress: Progress) -> EngineRun:
+    def _run(self, client, job: ShardJob, feed: ShardFeed, progress: Progress) -> EngineRun:
         if not job.config.quiet and "dashboard" in client.scheduler_info().get("services", {}):
             print(f"align_dataset: Dask dashboard at {client.dashboard_link}", flush=True)
         try:
@@ -151,34 +159,69 @@ class DaskEngine:
         except (asyncio.TimeoutError, TimeoutError):
             raise JobError(f"no Dask worker joined the scheduler within {CONNECT_TIMEOUT_S} s: "
                            f"start workers (dask worker ADDRESS --nthreads 1), then rerun") from None
-        first = shards[0].tasks[0].rel if shards else None
-        problems = client.run(_probe, os.fspath(job.input_dir), os.fspath(job.output_dir), first)
+        first = feed.peek(1)
+        problems = client.run(_probe, os.fspath(job.input_dir), os.fspath(job.output_dir),
+                              first[0].tasks[0].rel if first else None)
         for address, problem in sorted(problems.items()):
             if problem:
                 raise JobError(f"Dask worker {address} {problem}: INPUT_DIR and OUTPUT_DIR must be "
                                f"at the same paths on every worker (a shared file system)")
         client.register_plugin(NetsPlugin(job.config.gpu_memory_fraction, self.own_cluster), name=PLUGIN)
-        info = client.scheduler_info()
-        workers = info["workers"].values()
+        workers = client.scheduler_info()["workers"].values()
         gpus = bool(workers) and all("GPU" in w.get("resources", {}) for w in workers)
+        topic = f"align-progress-{uuid.uuid4().hex}"
+        client.subscribe_topic(topic, lambda event: progress(*event[1]))
+        threads = _Threads(client)
+        feed.workers = threads.count
         ready_at = time.perf_counter()
-        futures = client.map(_shard_task, shards, job=job, pure=False, retries=RETRIES,
-                             resources={"GPU": 1} if gpus else None,
-                             key=[f"align-shard-{s.key}-{uuid.uuid4().hex[:8]}" for s in shards])
-        by_key = {f.key: s for f, s in zip(futures, shards)}
+        in_flight: dict[str, tuple[Shard, distributed.Future]] = {}
+        futures = distributed.as_completed()
+
+        def fill() -> None:
+            """Shards handed out up to IN_FLIGHT a connected thread."""
+            feed.workers = threads.now()
+            while len(in_flight) < IN_FLIGHT * feed.workers:
+                shard = next(feed, None)
+                if shard is None:
+                    return
+                future = client.submit(_shard_task, shard, job, topic, pure=False, retries=RETRIES,
+                                       resources={"GPU": 1} if gpus else None,
+                                       key=f"align-shard-{shard.key}-{uuid.uuid4().hex[:8]}")
+                in_flight[future.key] = shard, future
+                futures.add(future)
+
         try:
-            for future in distributed.as_completed(futures):
-                shard = by_key[future.key]
-                if future.status == "finished":
-                    done = future.result()
-                else:
+            fill()
+            for future in futures:
+                shard, _ = in_flight.pop(future.key)
+                if future.status != "finished":
                     done = failed_shard(job, shard, _failure(future))
-                progress(done.images, done.faces, done.failed)
+                    progress(done.images, done.faces, done.failed)
                 future.release()
+                fill()
         except BaseException:
-            client.cancel(futures)
+            client.cancel([future for _, future in in_flight.values()])
             raise
-        return EngineRun(len(info["workers"]), ready_at, time.perf_counter())
+        finally:
+            client.unsubscribe_topic(topic)
+        return EngineRun(threads.most, ready_at, time.perf_counter())
+
+
+class _Threads:
+    """The worker threads connected to the scheduler, asked at most every THREADS_EVERY_S."""
+
+    def __init__(self, client):
+        self.client = client
+        self.count = self.most = 1
+        self.asked = -THREADS_EVERY_S
+        self.now()
+
+    def now(self) -> int:
+        if time.perf_counter() - self.asked >= THREADS_EVERY_S:
+            self.asked = time.perf_counter()
+            self.count = max(1, sum(self.client.nthreads().values()))
+            self.most = max(self.most, self.count)
+        return self.count
 
 
 def _failure(future) -> str:

@@ -20,7 +20,7 @@ from concurrent.futures.process import BrokenProcessPool
 
 from align.config import bounded_workers, usable_cores
 from align.dataset import Shard
-from align.engines import EngineRun, Interrupted, JobError
+from align.engines import IN_FLIGHT, EngineRun, ShardFeed, Interrupted, JobError
 from align.nets_server import NetsServer
 from align.worker import Progress, ShardDone, ShardJob, load_nets, run_shard
 
@@ -118,12 +118,13 @@ class LocalEngine:
     def __init__(self, workers: int):
         self.workers = workers
 
-    def run(self, job: ShardJob, shards: list[Shard], progress: Progress) -> EngineRun:
+    def run(self, job: ShardJob, feed: ShardFeed, progress: Progress) -> EngineRun:
         ctx = mp.get_context("spawn")
         events = ctx.Queue()
-        workers, warning = bounded_workers(self.workers, len(shards))
+        workers, warning = bounded_workers(self.workers, len(feed.peek(self.workers)))
         if warning:
             print(f"align_dataset: {warning}", file=sys.stderr, flush=True)
+        feed.workers = workers
         threads = max(1, usable_cores() // workers)
         start, stop = ctx.Event(), threading.Event()
         ready: list[float] = []
@@ -137,12 +138,25 @@ class LocalEngine:
                                              server and server.address))
         previous_term = signal.signal(signal.SIGTERM, signal.default_int_handler)
         try:
+            futures: set = set()
+
+            def fill() -> bool:
+                """Shards handed out up to IN_FLIGHT a worker; False once there are no more."""
+                while len(futures) < IN_FLIGHT * workers:
+                    shard = next(feed, None)
+                    if shard is None:
+                        return False
+                    futures.add(pool.submit(_run_shard, shard))
+                return True
+
             with worker_malloc_env():       # submit starts the workers (spawn: one each, on demand)
-                futures = {pool.submit(_run_shard, s) for s in shards}
+                more = fill()
             while futures:
                 finished, futures = wait(futures, timeout=0.5, return_when=FIRST_COMPLETED)
                 for f in finished:
                     f.result()
+                if more:
+                    more = fill()
             done_at = time.perf_counter()
         except KeyboardInterrupt:
             # the workers ignore SIGINT; the executor has no public way to stop running tasks
