@@ -386,7 +386,7 @@ def test_workers_that_join_and_leave_mid_run_get_shards_and_lose_nothing(many_ph
         conductor.start()
         summary = align_dataset(photos, "out", client=client, quiet=True, report=False)
         conductor.join(60)
-        ran = [(t["worker"], t["key"]) for t in stream.data if str(t["key"]).startswith("align-shard")]
+    ran = [(t["worker"], t["key"]) for t in stream.data if str(t["key"]).startswith("align-shard")]
     assert "error" not in seen, seen
     assert len(seen["joined"]) == 2 and len(seen["busy"]) == 3, seen
     assert seen["done_before_leaving"] < 192, "the run ended before workers left"
