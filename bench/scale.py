@@ -130,6 +130,12 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def cpu_s() -> float:
+    """CPU seconds (user + system) of this process so far: with dask, the scheduler's too."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def child(input_dir: str, output_dir: str, engine: str, phase: str) -> None:
     """One measured call of align_dataset in this process; prints MARK + one JSON line."""
     os.environ["ALIGN_BENCH_NO_NETS"] = "1"         # before any worker starts: they inherit it
@@ -173,7 +179,7 @@ def child(input_dir: str, output_dir: str, engine: str, phase: str) -> None:
                 pass
             stop.wait(POLL_S)
 
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), cpu_s()
     threads = [threading.Thread(target=sample, daemon=True)]
     if phase == "run":
         threads.append(threading.Thread(target=poll, daemon=True))
@@ -185,7 +191,7 @@ def child(input_dir: str, output_dir: str, engine: str, phase: str) -> None:
                                 engine=engine, client=client)
     except BaseException as e:          # reported, not raised: the parent prints the row
         summary, error = {}, f"{type(e).__name__}: {e}"
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, cpu_s() - cpu0
     stop.set()
     for th in threads:
         th.join()
@@ -196,6 +202,7 @@ def child(input_dir: str, output_dir: str, engine: str, phase: str) -> None:
     out.update({
         "error": error,
         "wall_s": round(wall, 2),
+        "cpu_s": round(cpu, 2),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "sampled_peak_rss_mb": round(max(s[1] for s in samples), 1),
         "end_rss_mb": round(samples[-1][1], 1),
@@ -299,13 +306,13 @@ def main() -> None:
         with open(root / "results.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
 
-    head_cols = ("photos", "engine", "run wall s", "client peak MB", "first shard s",
+    head_cols = ("photos", "engine", "run wall s", "client CPU s", "client peak MB", "first shard s",
                  "first journal s", "sched peak tasks", "resume wall s", "resume peak MB")
     table = [head_cols]
     for row in rows:
         run, resume = row["run"], row["resume"] or {}
         summ = run.get("summary", {})
-        table.append((f"{row['photos']:,}", row["engine"], fmt(run.get("wall_s")),
+        table.append((f"{row['photos']:,}", row["engine"], fmt(run.get("wall_s")), fmt(run.get("cpu_s")),
                       fmt(run.get("peak_rss_mb")), fmt(summ.get("first_shard_s"), ".2f"),
                       fmt(run.get("first_journal_s"), ".2f"), fmt(run.get("scheduler_peak_tasks"), ","),
                       fmt(resume.get("wall_s")), fmt(resume.get("peak_rss_mb"))))
