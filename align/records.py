@@ -52,7 +52,7 @@ import pickle
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -234,8 +234,8 @@ class StateDir:
     def remove(self) -> None:
         """Fold the state away, under the lock, once its records are in the top-level files:
         the journals first (what is left of them repeats faces.jsonl), then the rest."""
-        for path in self.journal_paths():
-            path.unlink(missing_ok=True)
+        for name in self.each_journal_name():
+            (self.journals / f"{name}.jsonl").unlink(missing_ok=True)
         shutil.rmtree(self.root, ignore_errors=True)
         self.unlock()
 
@@ -249,12 +249,21 @@ class StateDir:
 
     def journal_names(self, prefix: str = "") -> list[str]:
         """The shard keys of the journals (those starting with `prefix`), sorted."""
+        return sorted(self.each_journal_name(prefix))
+
+    def each_journal_name(self, prefix: str = "") -> Iterator[str]:
+        """The shard keys of the journals (those starting with `prefix`), as the folder lists
+        them: a job's journals (a file per shard) are not held."""
         try:
             with os.scandir(self.journals) as entries:
-                return sorted(e.name[:-6] for e in entries
-                              if e.name.endswith(".jsonl") and e.name.startswith(prefix))
+                for e in entries:
+                    if e.name.endswith(".jsonl") and e.name.startswith(prefix):
+                        yield e.name[:-6]
         except FileNotFoundError:
-            return []
+            return
+
+    def any_journal(self) -> bool:
+        return next(self.each_journal_name(), None) is not None
 
     def each_record(self) -> Iterator[dict]:
         """Every record of every journal (an input's overridden ones too), one journal in
@@ -325,9 +334,10 @@ _CODE = {status: code for code, status in enumerate(STATUSES)}
 _TO_DO = frozenset(_CODE[s] for s in STATUSES if needs_work({"status": s}))
 MAX_OPEN_JOURNALS = 64                          # file handles the merge keeps open
 SORT_ENTRIES = 100_000                          # journal entries sorted in memory at once
+MERGE_FAN_IN = 128                              # sorted runs merged at once (an open file each)
 SPILL_BLOCK = 256                               # entries a sorted run holds in one pickle
 COPY_PIECE = 8 << 20                            # bytes the merge copies at once
-RUN_PREFIX = "r"                                # journals of run N: r<N:05d>-<shard>.jsonl
+RUN_PREFIX = "r"                                # journals of run N: r<N:09d>-<shard>.jsonl
 
 
 class UnorderedRecords(RuntimeError):
@@ -344,18 +354,21 @@ def run_prefix(state: StateDir) -> str:
     """The journal-name prefix of a new run: after every journal there is (earlier releases'
     journals, named by their shard alone, sort before every run's)."""
     last = 0
-    for name in state.journal_names():
+    for name in state.each_journal_name(RUN_PREFIX):
         head = name.split("-", 1)[0]
-        if head[:1] == RUN_PREFIX and head[1:].isdigit():
+        if head[1:].isdigit():
             last = max(last, int(head[1:]))
-    return f"{RUN_PREFIX}{last + 1:05d}-"
+    return f"{RUN_PREFIX}{last + 1:09d}-"
 
 
 # An entry: where the record of one input lies and what the merge needs of it, without the record:
 # (input_key, source, byte offset, length, status code, faces written, bounding_boxes.txt bytes);
-# source: the number of the record file in Records.paths. Sorted, entries are in input order and,
-# for one input, in the order its records were written.
+# source: the record file, BASE for faces.jsonl, else the journal's name (shard key). Sorted,
+# entries are in input order and, for one input, in the order its records were written: the last
+# finished run's first, then the journals by name (an earlier release's, named by their shard,
+# then run by run), each in file order.
 _KEY, _SOURCE, _OFFSET, _LENGTH, _STATUS, _FACES, _BOXES = range(7)
+BASE = ""                                       # the source faces.jsonl: before every journal
 
 
 def _wins(current: tuple | None, entry: tuple) -> bool:
@@ -379,8 +392,8 @@ def _resolved(entries: Iterator[tuple]) -> Iterator[tuple]:
 
 class Records:
     """The records of a job, streamed in input order, for tens of millions of inputs: what the
-    process holds does not grow with the job; what does is in temporary files in the state
-    folder (gone with the process).
+    process holds grows with neither the photos nor the journals; what does is in temporary
+    files in the state folder (gone with the process).
 
     Pass 1, `plan(tasks)`: the walk's tasks (input order) joined with the records there are: the
     last finished run's faces.jsonl (`base`, in input order already) and the journals over it
@@ -394,7 +407,6 @@ class Records:
                  packed: bool = False):
         self.state, self.output_dir_arg, self.base = state, output_dir_arg, base
         self.packed = packed                        # bounding_boxes.txt names sample keys
-        self.paths: list[str] = []                  # record files: base, journals, in order read
         self.dropped = 0                            # records of inputs gone from INPUT_DIR
         self.tasks = self.done = 0                  # pass 1: tasks walked, of them needing no work
         self.extra_statuses: dict[str, int] = {}    # statuses this version does not know
@@ -407,36 +419,35 @@ class Records:
     def plan(self, tasks: Iterable[Task]) -> Iterator[Task]:
         """Yields the tasks that need work (needs_work), in input order, as `tasks` (in input
         order) are walked; spools every task with its record. Cuts the journals' torn tails."""
-        journals = [str(p) for p in self.state.journal_paths()]
+        journals = self._sorted(self.state.each_journal_name())
         self._journals_before = len(journals)
         streams = [self._base_entries()] if self.base else []
-        streams += self._sorted(journals)
-        records = _resolved(heapq.merge(*streams))
+        records = _resolved(heapq.merge(*streams, *journals))
         record = next(records, None)
         block: list = []
         last = None
-        with gc_paused():
-            for task in tasks:
-                key = input_key(task.rel)
-                if last is not None and key <= last:
-                    raise RuntimeError(f"the walk is not in input order at {task.rel}")
-                last = key
-                while record is not None and record[_KEY] < key:
-                    self.dropped += 1               # an input gone from INPUT_DIR since
-                    record = next(records, None)
-                found = None
-                if record is not None and record[_KEY] == key:
-                    found, record = record[1:], next(records, None)
-                block.append((task, found))
-                if len(block) == SPILL_BLOCK:
-                    pickle.dump(block, self._spool, pickle.HIGHEST_PROTOCOL)
-                    block = []
-                self.tasks += 1
-                if found is None or found[_STATUS - 1] in _TO_DO:
-                    yield task
-                else:
-                    self.done += 1
-            self.dropped += sum(1 for _ in itertools.chain([record] if record else [], records))
+        # (the cyclic collector stays on: this generator is suspended while the engine runs)
+        for task in tasks:
+            key = input_key(task.rel)
+            if last is not None and key <= last:
+                raise RuntimeError(f"the walk is not in input order at {task.rel}")
+            last = key
+            while record is not None and record[_KEY] < key:
+                self.dropped += 1               # an input gone from INPUT_DIR since
+                record = next(records, None)
+            found = None
+            if record is not None and record[_KEY] == key:
+                found, record = record[1:], next(records, None)
+            block.append((task, found))
+            if len(block) == SPILL_BLOCK:
+                pickle.dump(block, self._spool, pickle.HIGHEST_PROTOCOL)
+                block = []
+            self.tasks += 1
+            if found is None or found[_STATUS - 1] in _TO_DO:
+                yield task
+            else:
+                self.done += 1
+        self.dropped += sum(1 for _ in itertools.chain([record] if record else [], records))
         pickle.dump(block, self._spool, pickle.HIGHEST_PROTOCOL)
 
     def base_alone(self) -> bool:
@@ -445,19 +456,20 @@ class Records:
         return self.base is not None and self._journals_before == 0 and self.dropped == 0
 
     # --- pass 2 ---------------------------------------------------------------------------------
-    def merge(self, output_dir: Path, run: Sequence[Path | str] = ()) -> dict:
+    def merge(self, output_dir: Path, prefix: str | None = None) -> dict:
         """faces.jsonl and bounding_boxes.txt, in input order, each written atomically: each
-        spooled task's record, or the one the run's journals `run` hold for it (the run's own
-        outcome, where the spool's needs work); returns counts(). Closes the spool. Raises
-        RuntimeError, leaving both files as they were, when a task has no record."""
+        spooled task's record, or the one the journals named `prefix`... (this run's) hold for
+        it (the run's own outcome, where the spool's needs work); returns counts(). Closes the
+        spool. Raises RuntimeError, leaving both files as they were, when a task has no record."""
         self._spool.seek(0)
-        news = _resolved(heapq.merge(*self._sorted([str(p) for p in run])))
+        run = self.state.each_journal_name(prefix) if prefix is not None else ()
+        news = _resolved(heapq.merge(*self._sorted(run)))
         new = next(news, None)
         counts = np.zeros(len(STATUSES), np.int64)
         faces_written = 0
         identities = self._identities
-        journals: dict[int, int] = {}               # record file number -> open fd
-        piece = [-1, 0, 0]                          # a run of bytes of one file still to copy
+        journals: dict[str, int] = {}               # record file (source) -> open fd
+        piece = [None, 0, 0]                        # a run of bytes of one file still to copy
 
         def flush(dest) -> None:
             if piece[2]:
@@ -467,9 +479,9 @@ class Records:
                         for fd in journals.values():
                             os.close(fd)
                         journals.clear()
-                    fd = journals[piece[0]] = os.open(self.paths[piece[0]], os.O_RDONLY)
+                    fd = journals[piece[0]] = os.open(self._path(piece[0]), os.O_RDONLY)
                 _copy(fd, piece[1], piece[2], dest)
-            piece[:] = [-1, 0, 0]
+            piece[:] = [None, 0, 0]
 
         try:
             with gc_paused(), atomic_file(output_dir / RECORDS, 1 << 20) as faces, \
@@ -520,15 +532,13 @@ class Records:
         return set(self._identities)
 
     # --- reading record files -------------------------------------------------------------------
-    def _number(self, path: str) -> int:
-        self.paths.append(path)
-        return len(self.paths) - 1
+    def _path(self, source: str) -> Path:
+        return self.base if source == BASE else self.state.journals / f"{source}.jsonl"
 
-    def _entries(self, path: str) -> Iterator[list[tuple]]:
-        """The entries of the record file at `path`, a list per chunk, in file order."""
-        number = self._number(path)
-        for chunk in Journal(Path(path)).chunks(floats=False):
-            yield [(input_key(record["input"]), number, offset, len(line), self._code(record["status"]),
+    def _entries(self, source: str) -> Iterator[list[tuple]]:
+        """The entries of the record file `source`, a list per chunk, in file order."""
+        for chunk in Journal(self._path(source)).chunks(floats=False):
+            yield [(input_key(record["input"]), source, offset, len(line), self._code(record["status"]),
                     len(record.get("written") or ()),
                     "".join(bounding_box_lines(record, self.output_dir_arg, self.packed)).encode("utf-8", "surrogateescape"))
                    for offset, line, record in chunk]
@@ -536,7 +546,7 @@ class Records:
     def _base_entries(self) -> Iterator[tuple]:
         """faces.jsonl's entries, in its order: input order, as every merge writes it."""
         last = None
-        for chunk in self._entries(str(self.base)):
+        for chunk in self._entries(BASE):
             for entry in chunk:
                 if last is not None and entry[_KEY] <= last:
                     raise UnorderedRecords(f"{self.base} is not in input order (at "
@@ -544,25 +554,34 @@ class Records:
                 last = entry[_KEY]
                 yield entry
 
-    def _sorted(self, paths: list[str]) -> list[Iterator[tuple]]:
-        """The entries of the record files `paths`, as sorted streams to merge: SORT_ENTRIES
-        at a time sorted in memory and spilled to a temporary file, but the last."""
-        runs, entries = [], []
+    def _sorted(self, sources: Iterable[str]) -> list[Iterator[tuple]]:
+        """The entries of the journals `sources`, as sorted streams to merge (an empty list
+        when there is none): SORT_ENTRIES at a time sorted in memory and spilled to a temporary
+        file, MERGE_FAN_IN such runs merged into one as they come (an open file each), but the
+        last, kept in memory."""
+        runs: list[Iterator[tuple]] = []
+        entries: list[tuple] = []
+        read = False
         with gc_paused():
-            for path in paths:
-                for chunk in self._entries(path):
+            for source in sources:
+                read = True
+                for chunk in self._entries(source):
                     entries += chunk
                     if len(entries) >= SORT_ENTRIES:
                         entries.sort()
                         runs.append(self._spill(entries))
                         entries = []
+                        if len(runs) == MERGE_FAN_IN:
+                            runs = [self._spill(heapq.merge(*runs))]
         entries.sort()
-        return runs + [iter(entries)]
+        return runs + [iter(entries)] if read else []
 
-    def _spill(self, entries: list[tuple]) -> Iterator[tuple]:
+    def _spill(self, entries: Iterable[tuple]) -> Iterator[tuple]:
+        """Sorted `entries` through a temporary file in the state folder, read back as needed."""
         f = tempfile.TemporaryFile(dir=self.state.root)
-        for i in range(0, len(entries), SPILL_BLOCK):
-            pickle.dump(entries[i:i + SPILL_BLOCK], f, pickle.HIGHEST_PROTOCOL)
+        it = iter(entries)
+        while block := list(itertools.islice(it, SPILL_BLOCK)):
+            pickle.dump(block, f, pickle.HIGHEST_PROTOCOL)
         f.seek(0)
         return (entry for block in _blocks(f, close=True) for entry in block)
 

@@ -33,6 +33,7 @@ from facenet_nets.weights import verify_weights
 OUTPUT_OPTIONS = ("image_size", "margin", "detect_multiple_faces", "min_face_size",
                   "thresholds", "factor", "format", "align", "output_format")
 LOG_EVERY_S = 10.0
+REFRESH_S = 0.2            # the walk redraws the bar at most this often
 RANDOM_WINDOW = 1 << 16     # --random_order shuffles the tasks of each window of this many
 
 
@@ -121,7 +122,8 @@ class _Progress:
         """The walk so far: `total` inputs, of them `before` done by earlier runs."""
         self.done += before - self.before
         self.total, self.before, self.walked = total, before, walked
-        if self.bar:
+        if self.bar and (walked or time.perf_counter() - self.last_log >= REFRESH_S):
+            self.last_log = time.perf_counter()
             self.bar.total = total
             self.bar.n = self.done
             self.bar.refresh()
@@ -180,7 +182,7 @@ def align_dataset(input_dir, output_dir, config: Config | None = None, *, client
             return _run(config, engine, input_dir, output_dir, output_arg, state, finished,
                         found_outputs, t0)
         except BaseException:
-            if not unfinished and not state.journal_paths():    # refused, or stopped before any work
+            if not unfinished and not state.any_journal():      # refused, or stopped before any work
                 state.remove()
             raise
         finally:
@@ -199,6 +201,7 @@ def _start_over(output_dir: Path, state: StateDir, tops=("",)) -> None:
     state.reset()
     for path in packed_files(output_dir, tops):
         path.unlink()
+    _remove_empty_folders(output_dir, [top for top in tops if top])     # earlier splits' trees
     for name in (RECORDS, BOXES, SUMMARY, REPORT):
         (output_dir / name).unlink(missing_ok=True)
 
@@ -213,21 +216,41 @@ def _written_faces(output_dir: Path, top: str | None = None) -> Iterator[tuple[d
                     yield record, written
 
 
-def _remove_empty_identities(output_dir: Path, identities: list[str], tops=("",)) -> None:
-    """The job's identity folders that hold nothing (no face found in any of the identity's
-    photos, say): a loader would take each for a class without samples. `tops`: the folders
-    that hold identity folders (the split trees and held_out, then removed when empty too)."""
+def _remove_empty_folders(output_dir: Path, tops=("",)) -> None:
+    """The identity folders that hold nothing (no face found in any of the identity's photos,
+    say): a loader would take each for a class without samples. `tops`: the folders that hold
+    identity folders (the split trees and held_out, then removed when empty too), listed as
+    they are read."""
     for top in tops:
-        for identity in identities:
-            try:
-                os.rmdir(output_dir / top / identity)
-            except OSError:         # not empty, or not there
-                pass
+        try:
+            with os.scandir(output_dir / top) as entries:
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False):
+                        try:
+                            os.rmdir(entry.path)
+                        except OSError:     # not empty
+                            pass
+        except FileNotFoundError:
+            continue
         if top:
             try:
                 os.rmdir(output_dir / top)
             except OSError:
                 pass
+
+
+def _in_the_way(folder: Path) -> JobError:
+    return JobError(f"{folder} is a file, where identity {folder.name}'s thumbnails go: "
+                    f"move it away, then rerun the same command")
+
+
+def _refuse_files_in_the_way(input_dir: Path, output_dir: Path) -> None:
+    """Before any work: a file at the top of OUTPUT_DIR named as an identity folder of
+    INPUT_DIR (one stat a file there, none an identity)."""
+    with os.scandir(output_dir) as entries:
+        for entry in entries:
+            if not entry.is_dir() and (input_dir / entry.name).is_dir():
+                raise _in_the_way(output_dir / entry.name)
 
 
 def _run(config, engine, input_dir, output_dir, output_arg, state, finished, found_outputs,
@@ -269,8 +292,8 @@ def _run(config, engine, input_dir, output_dir, output_arg, state, finished, fou
     trees = list(dict.fromkeys([*tops, *earlier, ""]))  # the folders that hold identity folders
     _remove_stale_temporaries(output_dir, trees)
 
+    _refuse_files_in_the_way(input_dir, output_dir)
     skipped: list[str] = []
-    identities: list[str] = []      # output folders: one name an identity, not a task a photo
 
     def tasks() -> Iterator[Task]:
         """The walk, one identity folder at a time, each checked (and, with --overwrite,
@@ -278,12 +301,10 @@ def _run(config, engine, input_dir, output_dir, output_arg, state, finished, fou
         try:
             for identity, its_tasks in walk_identities(input_dir, output_dir, skipped):
                 folder = output_dir / identity
-                if folder.exists() and not folder.is_dir():
-                    raise JobError(f"{folder} is a file, where identity {identity}'s thumbnails go: "
-                                   f"move it away, then rerun the same command")
+                if folder.exists() and not folder.is_dir():     # (one output_identity renamed)
+                    raise _in_the_way(folder)
                 if config.overwrite:
                     _remove_unjournaled_outputs(output_dir, its_tasks, trees)
-                identities.append(identity)
                 yield from its_tasks
                 progress.found(records.tasks, records.done)
         except LinkIntoOutput as e:
@@ -306,12 +327,14 @@ def _run(config, engine, input_dir, output_dir, output_arg, state, finished, fou
                          feed, progress.update) if first else None
     except UnorderedRecords as e:
         raise JobError(f"{e} Rerun with --overwrite to start over") from None
+    except KeyboardInterrupt:           # in the walk and the join, before any engine took it
+        raise Interrupted() from None
     finally:
         progress.close()
     t_end = time.perf_counter()
 
     unchanged = records.base_alone()        # the records, and so the packed files, are the last run's
-    counts = records.merge(output_dir, state.journal_paths(prefix))     # faces.jsonl, bounding_boxes.txt
+    counts = records.merge(output_dir, prefix)      # faces.jsonl, bounding_boxes.txt
     labels = labels_of(records.identities_written())
     splits = None
     if config.split:
@@ -350,6 +373,6 @@ def _run(config, engine, input_dir, output_dir, output_arg, state, finished, fou
         summary["splits"] = splits
     write_summary(output_dir, summary)
     report_or_warn(output_dir, config)
-    _remove_empty_identities(output_dir, identities, trees)
+    _remove_empty_folders(output_dir, trees)
     state.remove()          # the run is finished: OUTPUT_DIR is a training set as it stands
     return summary

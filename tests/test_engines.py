@@ -414,7 +414,7 @@ def test_progress_comes_per_batch_of_photos_not_per_shard(engine, photos, tmp_pa
     from align.worker import ShardJob
     out = tmp_path / "out"
     StateDir(out).journals.mkdir(parents=True)
-    feed = ShardFeed(iter(walk(photos).tasks), "r00001-", workers=1)
+    feed = ShardFeed(iter(walk(photos).tasks), "r000000001-", workers=1)
     assert [len(s.tasks) for s in feed.peek(5)] == [18, 9, 8, 1]     # guided: shrinking to the end
     calls = []
     job = ShardJob(Config(quiet=True), photos, out)

@@ -39,11 +39,11 @@ def expected_merge(winners: list[dict]) -> tuple[bytes, bytes, dict]:
     return faces.encode("ascii"), "".join(boxes).encode("utf-8", "surrogateescape"), counts
 
 
-def merged(state: StateDir, tasks: list[Task], run: list[Shard] = ()) -> tuple[bytes, bytes, dict]:
+def merged(state: StateDir, tasks: list[Task]) -> tuple[bytes, bytes, dict]:
     out = state.root.parent
     index = Records(state, OUTPUT_ARG)
     list(index.plan(iter(tasks)))
-    counts = index.merge(out, [state.journal(s.key).path for s in run])
+    counts = index.merge(out)
     return (out / "faces.jsonl").read_bytes(), (out / "bounding_boxes.txt").read_bytes(), counts
 
 
@@ -150,7 +150,7 @@ def test_a_runs_own_outcome_wins_over_an_older_error(state, old, new):
     assert list(index.plan(iter(tasks))) == [tasks[0]]
     shard = Shard(new, (tasks[0],))
     state.journal(new).append([record("p/x.jpg", "error", reason="new")])     # what the run did
-    index.merge(state.root.parent, [state.journal(shard.key).path])
+    index.merge(state.root.parent, shard.key)          # the run's journals: those named so
     faces = (state.root.parent / "faces.jsonl").read_bytes()
     assert faces == expected_merge([record("p/x.jpg", "error", reason="new"), record("p/y.jpg", "aligned")])[0]
 
@@ -276,9 +276,9 @@ def test_the_walk_is_joined_as_it_goes(state):
             yield task(f"p/{i:04d}.jpg")
 
     from align.engines import ShardFeed
-    feed = ShardFeed(Records(state, OUTPUT_ARG).plan(walk()), "r00001-", workers=2)
+    feed = ShardFeed(Records(state, OUTPUT_ARG).plan(walk()), "r000000001-", workers=2)
     shard = next(feed)
-    assert shard.key.startswith("r00001-") and shard.tasks[0].rel == "p/0010.jpg"
+    assert shard.key.startswith("r000000001-") and shard.tasks[0].rel == "p/0010.jpg"
     assert len(shard.tasks) == 32 and len(pulled) <= 10 + 2 * 32 * 2 + 1, len(pulled)
 
 
@@ -292,8 +292,40 @@ def test_a_faces_jsonl_out_of_input_order_is_refused(state):
 
 def test_the_run_prefix_follows_every_journal(state):
     from align.records import run_prefix
-    assert run_prefix(state) == "r00001-"
+    assert run_prefix(state) == "r000000001-"
     state.journal("0123abcd").append([record("p/a.jpg", "aligned")])     # an earlier release's
-    state.journal("r00007-0123abcd").append([record("p/a.jpg", "aligned")])
-    assert run_prefix(state) == "r00008-"
-    assert state.journal_names() == ["0123abcd", "r00007-0123abcd"]      # the order they count in
+    state.journal("r000000007-0123abcd").append([record("p/a.jpg", "aligned")])
+    assert run_prefix(state) == "r000000008-"
+    assert state.journal_names() == ["0123abcd", "r000000007-0123abcd"]  # the order they count in
+
+
+@pytest.mark.parametrize("status", ["aligned", "error"])
+def test_faces_jsonl_counts_before_every_journal(state, status):
+    """An input with a record in the last finished run's faces.jsonl and another in a journal
+    (a --split fold rewrote faces.jsonl, held out, then the run was killed before the journals
+    were removed): faces.jsonl's counts first, so it stays where it needs no work; an "error"
+    is replaced by the journal's outcome (as a retry's)."""
+    out = state.root.parent
+    old = dict(record("p/a.jpg", status), reason="faces.jsonl") if status == "error" else \
+        dict(record("p/a.jpg", status), held_out=True)
+    (out / "faces.jsonl").write_text(line(record("p/0.jpg", "aligned")) + line(old))
+    new = dict(record("p/a.jpg", status), reason="journal") if status == "error" else record("p/a.jpg", status)
+    state.journal("r000000001-0123").append([new])
+    tasks = [task("p/0.jpg"), task("p/a.jpg")]
+    index = Records(state, OUTPUT_ARG, base=out / "faces.jsonl")
+    assert list(index.plan(iter(tasks))) == ([tasks[1]] if status == "error" else [])
+    index.merge(out)
+    winner = new if status == "error" else old
+    assert (out / "faces.jsonl").read_bytes() == expected_merge([record("p/0.jpg", "aligned"), winner])[0]
+
+
+def test_more_sorted_runs_than_open_files_merge_in_stages(state, monkeypatch):
+    """More spilled runs than MERGE_FAN_IN: merged in stages, the same bytes."""
+    import align.records as records_module
+    tasks = sorted((task(f"id{i % 5}/{i:03d}.jpg") for i in range(200)), key=lambda t: t.rel)
+    for j in range(40):
+        state.journal(f"{j:03d}").append([record(t.rel, STATUS[k % 4]) for k, t in enumerate(tasks) if k % 40 == j])
+    in_memory = merged(state, tasks)
+    monkeypatch.setattr(records_module, "SORT_ENTRIES", 3)
+    monkeypatch.setattr(records_module, "MERGE_FAN_IN", 4)
+    assert merged(state, tasks) == in_memory == expected_merge([record(t.rel, STATUS[k % 4]) for k, t in enumerate(tasks)])
