@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Iterator
 
 from align.config import FORMATS, Config
-from align.dataset import LinkIntoOutput, Task, shuffled, walk_identities
+from align.dataset import LinkIntoOutput, Task, output_identity, shuffled, walk_identities
 from align.durable import TEMP_PREFIX, TEMP_SUFFIX
 from align.engines import Interrupted, JobError, OptionsError, ShardFeed, make_engine  # noqa: F401 (API)
 from align.records import (BOXES, RECORDS, SUMMARY, Journal, Records, StateDir, UnorderedRecords,
@@ -249,7 +249,8 @@ def _refuse_files_in_the_way(input_dir: Path, output_dir: Path) -> None:
     INPUT_DIR (one stat a file there, none an identity)."""
     with os.scandir(output_dir) as entries:
         for entry in entries:
-            if not entry.is_dir() and (input_dir / entry.name).is_dir():
+            if (not entry.is_dir() and output_identity(entry.name) == entry.name
+                    and (input_dir / entry.name).is_dir()):
                 raise _in_the_way(output_dir / entry.name)
 
 
