@@ -411,7 +411,7 @@ class Records:
         self.tasks = self.done = 0                  # pass 1: tasks walked, of them needing no work
         self.extra_statuses: dict[str, int] = {}    # statuses this version does not know
         self._spool = tempfile.TemporaryFile(dir=state.root)
-        self._journals_before = 0
+        self._had_journals = False
         self._counts: dict | None = None
         self._identities: set[str] = set()
 
@@ -420,7 +420,7 @@ class Records:
         """Yields the tasks that need work (needs_work), in input order, as `tasks` (in input
         order) are walked; spools every task with its record. Cuts the journals' torn tails."""
         journals = self._sorted(self.state.each_journal_name())
-        self._journals_before = len(journals)
+        self._had_journals = bool(journals)
         streams = [self._base_entries()] if self.base else []
         records = _resolved(heapq.merge(*streams, *journals))
         record = next(records, None)
@@ -453,7 +453,7 @@ class Records:
     def base_alone(self) -> bool:
         """Whether the records are the last finished run's, unchanged: after plan(), no journal
         was found and no input of faces.jsonl is gone from INPUT_DIR."""
-        return self.base is not None and self._journals_before == 0 and self.dropped == 0
+        return self.base is not None and not self._had_journals and self.dropped == 0
 
     # --- pass 2 ---------------------------------------------------------------------------------
     def merge(self, output_dir: Path, prefix: str | None = None) -> dict:
