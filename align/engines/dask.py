@@ -12,9 +12,9 @@
 - Shards go out as they are cut (`client.submit(..., pure=False, retries=RETRIES)` into one
   `as_completed`), IN_FLIGHT per worker thread connected at most, so neither the client nor
   the scheduler holds more than that whatever the job's size; as a shard finishes, the
-  threads are counted again (at most every THREADS_EVERY_S), and shards are cut for them: workers that join mid-run (adaptive
-  scaling, dask-jobqueue) get shards, and a worker that leaves has its shard rerun elsewhere
-  (the journal keeps what it finished). A shard that fails on every try gets "error" records
+  threads are counted again (at most every THREADS_EVERY_S), and shards are cut for them:
+  workers that join mid-run (adaptive scaling, dask-jobqueue) get shards, and a worker that
+  leaves has its shard rerun elsewhere (the journal keeps what it finished). A shard that fails on every try gets "error" records
   for its images, which the next run retries.
 - Progress is per batch of photos: each batch's counts are a worker event on a topic of the
   run's, which the client subscribes to.
