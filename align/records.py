@@ -344,6 +344,11 @@ class UnorderedRecords(RuntimeError):
     """faces.jsonl is not in input order, as every run writes it: edited by hand?"""
 
 
+class MissingRecord(RuntimeError):
+    """An input of the job has no record: a journal of this run was lost (removed, or written
+    by a worker on a file system the others do not see)."""
+
+
 def input_key(rel: str) -> str:
     """A key that sorts as the walk orders inputs (identity folders by name, then their files by
     name): the identity and the file name joined by NUL, which no name holds."""
@@ -460,7 +465,7 @@ class Records:
         """faces.jsonl and bounding_boxes.txt, in input order, each written atomically: each
         spooled task's record, or the one the journals named `prefix`... (this run's) hold for
         it (the run's own outcome, where the spool's needs work); returns counts(). Closes the
-        spool. Raises RuntimeError, leaving both files as they were, when a task has no record."""
+        spool. Raises MissingRecord, leaving both files as they were, when a task has no record."""
         self._spool.seek(0)
         run = self.state.each_journal_name(prefix) if prefix is not None else ()
         news = _resolved(heapq.merge(*self._sorted(run)))
@@ -496,7 +501,7 @@ class Records:
                                 entry = new[1:]
                             new = next(news, None)
                         if entry is None:
-                            raise RuntimeError(f"an input has no record, {task.rel} the first")
+                            raise MissingRecord(f"{task.rel} has no record")
                         source, offset, length, status, n_faces, box_lines = entry
                         if piece[0] == source and piece[1] + piece[2] == offset:
                             piece[2] += length

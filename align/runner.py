@@ -20,7 +20,7 @@ from align.config import FORMATS, Config
 from align.dataset import LinkIntoOutput, Task, output_identity, shuffled, walk_identities
 from align.durable import TEMP_PREFIX, TEMP_SUFFIX
 from align.engines import Interrupted, JobError, OptionsError, ShardFeed, make_engine  # noqa: F401 (API)
-from align.records import (BOXES, RECORDS, SUMMARY, Journal, Records, StateDir, UnorderedRecords,
+from align.records import (BOXES, RECORDS, SUMMARY, Journal, MissingRecord, Records, StateDir, UnorderedRecords,
                            finished_summary, run_prefix, write_summary)
 from align.report import REPORT, report_or_warn
 from align.splits import fold_splits, format_splits, parse_splits, top_folders
@@ -335,7 +335,11 @@ def _run(config, engine, input_dir, output_dir, output_arg, state, finished, fou
     t_end = time.perf_counter()
 
     unchanged = records.base_alone()        # the records, and so the packed files, are the last run's
-    counts = records.merge(output_dir, prefix)      # faces.jsonl, bounding_boxes.txt
+    try:
+        counts = records.merge(output_dir, prefix)  # faces.jsonl, bounding_boxes.txt
+    except MissingRecord as e:
+        raise JobError(f"{e}: a journal of this run is gone from {state.root}; "
+                       f"rerun to align what it held") from None
     labels = labels_of(records.identities_written())
     splits = None
     if config.split:

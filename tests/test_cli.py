@@ -7,6 +7,7 @@ several tests check are module-scoped fixtures.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -529,6 +530,35 @@ def test_killed_run_resumes_to_the_same_bytes(big_dir, reference_run, tmp_path):
     assert not list(out.rglob(".*.tmp")), "temporary files left behind"
     assert_same_tree(reference_run, out, ignore_summary_keys=["processed_this_run"])
     assert "Traceback" not in again.stderr, again.stderr
+
+
+def test_a_journal_lost_mid_run_is_one_error_line_and_the_rerun_completes(big_dir, reference_run, tmp_path):
+    """A shard's journal removed while the run goes on (as a worker writing where the others
+    cannot see would lose it): the inputs it held have no record, so the run ends with one
+    Error: line and writes no faces.jsonl; the rerun aligns them again, to the same tree."""
+    args = (big_dir, "out", "--workers", 2, "--quiet")
+    proc = start_align(*args, cwd=tmp_path)
+    out = tmp_path / "out"
+    lost = []
+
+    def remove_a_written_journal() -> bool:
+        for p in journal_dir(out).glob("*.jsonl") if journal_dir(out).is_dir() else ():
+            with contextlib.suppress(FileNotFoundError):
+                if p.read_bytes().count(b"\n"):
+                    p.unlink()
+                    lost.append(p.name)
+                    return True
+        return False
+    wait_for(remove_a_written_journal, proc, "a journal line was written")
+    stdout, stderr = proc.communicate(timeout=300)
+    failed = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    assert failed.returncode == 1, describe(failed)
+    line = one_error_line(failed)
+    assert "has no record" in line and "rerun" in line, line
+    assert not (out / "faces.jsonl").exists()
+
+    ok(run_align(*args, cwd=tmp_path))
+    assert_same_tree(reference_run, out, ignore_summary_keys=["processed_this_run"])
 
 
 # --- 4. Ctrl-C -----------------------------------------------------------------------------------

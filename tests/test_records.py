@@ -10,7 +10,7 @@ import pickle
 import pytest
 
 from align.dataset import Shard, Task, walk
-from align.records import Journal, Records, StateDir
+from align.records import Journal, MissingRecord, Records, StateDir
 
 OUTPUT_ARG = "~/out dir/é"      # as the user typed it: bounding_boxes.txt repeats it
 
@@ -179,7 +179,7 @@ def test_an_input_without_a_record_stops_the_merge_and_leaves_no_output(state):
     state.journal("a").append([record("p/x.jpg", "aligned")])
     index = Records(state, OUTPUT_ARG)
     assert list(index.plan(iter(tasks))) == [tasks[1]]
-    with pytest.raises(RuntimeError, match="p/y.jpg"):
+    with pytest.raises(MissingRecord, match="p/y.jpg"):
         index.merge(state.root.parent)
     assert not (state.root.parent / "faces.jsonl").exists()
 

@@ -21,6 +21,9 @@
 - No worker writes after the client is gone: the scheduler then releases the client's tasks,
   and a running shard asks its worker before writing each batch whether its task is still
   wanted (it stops within one batch). A LocalCluster's processes die with the client.
+- A LocalCluster started for the run logs nothing below CRITICAL: what fails in a shard is
+  recorded (and retried) by the engine, and its shutdown races (a worker's heartbeat to a
+  scheduler that just closed) would otherwise print tracebacks.
 - Workers that declare a GPU resource (`dask worker ... --resources GPU=1`) get one shard at a
   time per GPU, when every worker declares one.
 """
@@ -140,7 +143,7 @@ class DaskEngine:
         with worker_malloc_env():
             cluster = distributed.LocalCluster(
                 n_workers=workers, threads_per_worker=1, processes=True,
-                dashboard_address=":0", silence_logs=logging.ERROR)
+                dashboard_address=":0", silence_logs=logging.CRITICAL)
         with cluster, distributed.Client(cluster) as client:
             yield client
 
