@@ -74,8 +74,14 @@ class PReLU(layers.Layer):
         rows = tf.reshape(x, [n * h, w * x.shape[-1]])
         return tf.ensure_shape(tf.reshape(rows * tf.tile(per_channel, [w]), tf.shape(x)), x.shape)
 
-    def call(self, x):
+    def call(self, x, valid=None):
+        """`valid`: (rows, columns) of x that hold the map, the rest padding: they are taken
+        as -inf before the pool, as the pool's SAME padding is."""
         x = ops.maximum(x, self._scaled(x, ops.minimum(self.alpha, 1.0)))
+        if valid is not None:
+            rows = ops.arange(ops.shape(x)[1]) < valid[0]
+            cols = ops.arange(ops.shape(x)[2]) < valid[1]
+            x = ops.where(rows[None, :, None, None] & cols[None, None, :, None], x, float("-inf"))
         if self.pool is not None:
             size, padding = self.pool
             x = ops.max_pool(x, size, 2, padding)
@@ -175,8 +181,9 @@ def build_onet(weights: dict) -> keras.Model:
 def compiled(fn: Callable, shape: tuple, dtype: str = "float32") -> Callable:
     """`fn` of one tensor of `shape` (None: any size) and `dtype`, as this backend runs it best:
     TensorFlow: one tf.function, traced once for every shape; JAX: jax.jit, over the batch
-    padded to a power of two (a compilation per input size and batch size); PyTorch: eager,
-    without autograd; other backends: as it is."""
+    padded to a power of two (a compilation per input size and batch size; P-Net's sizes are
+    bucketed, see `_pnet_in_buckets`); PyTorch: eager, without autograd; other backends: as
+    it is."""
     if TENSORFLOW:
         return tf.function(fn, input_signature=[tf.TensorSpec(shape, dtype)])
     if BACKEND == "jax":
@@ -199,6 +206,45 @@ def compiled(fn: Callable, shape: tuple, dtype: str = "float32") -> Callable:
                 return fn(x)
         return no_grad
     return fn
+
+
+def bucket(n: int) -> int:
+    """n rounded up to a size of four a doubling (12, 14, 16, 20, 24, 28, 32, 40, ...): at
+    most a quarter more."""
+    step = max(2, 1 << max(0, n.bit_length() - 3))
+    return -(-n // step) * step
+
+
+def _pnet_in_buckets(model: keras.Model, normalise: bool) -> Callable:
+    """P-Net for JAX, which compiles once for every input shape: each pyramid level is padded
+    (bottom, right) to a bucket() size and a power-of-two batch, and the map is cut back to the
+    level's own. The conv map rows and columns that the padding reaches are taken as -inf
+    before the pool (the SAME padding the level alone would get), so the map is the level's
+    own: the outputs that P-Net's valid convs take from the padding are cut away."""
+    import jax
+    conv1, prelu1 = model.get_layer("conv1"), model.get_layer("PReLU1")
+    rest = [model.get_layer(n) for n in ("conv2", "PReLU2", "conv3", "PReLU3")]
+    head_prob, head_reg = model.get_layer("conv4-1"), model.get_layer("conv4-2")
+    prob1 = model.get_layer("prob1")
+
+    def forward(x, conv_rows, conv_cols):
+        if normalise:
+            x = (ops.cast(x, "float32") - NORM_MEAN) * NORM_SCALE
+        x = prelu1(conv1(x), valid=(conv_rows, conv_cols))
+        for layer in rest:
+            x = layer(x)
+        return head_reg(x), prob1(head_prob(x))
+    jitted = jax.jit(forward)
+
+    def run(x):
+        n, h, w = x.shape[:3]
+        padded = np.zeros((1 << (n - 1).bit_length(), bucket(h), bucket(w)) + x.shape[3:], x.dtype)
+        padded[:n, :h, :w] = x
+        reg, prob = jitted(padded, h - 2, w - 2)
+        out_h, out_w = -(-(h - 2) // 2) - 4, -(-(w - 2) // 2) - 4
+        return np.asarray(reg)[:n, :out_h, :out_w], np.asarray(prob)[:n, :out_h, :out_w]
+    run.compilations = jitted._cache_size
+    return run
 
 
 def traces(fn: Callable) -> int:
@@ -243,8 +289,12 @@ def build_nets(weights_dir: str | os.PathLike | None = None) -> Nets:
     def pnet_levels(levels):
         return pnet((ops.cast(levels, "float32") - NORM_MEAN) * NORM_SCALE, training=False)
 
-    return Nets(pnet, rnet, onet,
-                _traced(pnet, (None, None, None, 3)),
+    if BACKEND == "jax":
+        pnet_any, pnet_levels_any = _pnet_in_buckets(pnet, False), _pnet_in_buckets(pnet, True)
+    else:
+        pnet_any = _traced(pnet, (None, None, None, 3))
+        pnet_levels_any = compiled(pnet_levels, (None, None, None, 3), "uint8")
+    return Nets(pnet, rnet, onet, pnet_any,
                 _traced(rnet, (None, 24, 24, 3)),
                 _traced(onet, (None, 48, 48, 3)),
-                compiled(pnet_levels, (None, None, None, 3), "uint8"))
+                pnet_levels_any)
