@@ -72,13 +72,14 @@ def detector(weights):
 
 @pytest.fixture(scope="session")
 def dev_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
-    """One default run (--quiet) of the command on ../shared/faces/dev, shared by the tests
-    that check its records and its report: (the finished process, OUTPUT_DIR)."""
+    """One default run (--workers 2 --quiet, OUTPUT_DIR given as `out` from its own cwd) of
+    the command on ../shared/faces/dev, shared by the tests that check its records and its
+    report and by the Dask engine's comparison: (the finished process, OUTPUT_DIR)."""
     dev = SHARED / "faces" / "dev"
     if not dev.is_dir():
         pytest.skip(f"{dev} is absent (../shared beside the checkout)")
-    out = tmp_path_factory.mktemp("dev_run") / "out"
+    cwd = tmp_path_factory.mktemp("dev_run")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run([sys.executable, "-m", "align", str(dev), str(out), "--quiet"], env=env,
-                          capture_output=True, text=True, errors="replace", timeout=400)
-    return proc, out
+    proc = subprocess.run([sys.executable, "-m", "align", str(dev), "out", "--workers", "2", "--quiet"],
+                          cwd=cwd, env=env, capture_output=True, text=True, errors="replace", timeout=400)
+    return proc, cwd / "out"

@@ -325,11 +325,10 @@ def test_scheduler_without_the_dask_engine_is_a_usage_error(photos, tmp_path):
 
 
 @pytest.mark.skipif(not DEV.is_dir(), reason="../shared/faces/dev is not beside this checkout")
-def test_dev_set_dask_equals_local(tmp_path):
-    for engine in ("local", "dask"):
-        (tmp_path / engine).mkdir()
-        ok(run_align(DEV, "out", "--engine", engine, "--workers", 2, "--quiet", cwd=tmp_path / engine))
-    assert_same_tree(tmp_path / "local" / "out", tmp_path / "dask" / "out", ignore_summary_keys=IGNORE)
+def test_dev_set_dask_equals_local(dev_run, tmp_path):
+    ok(dev_run[0])
+    ok(run_align(DEV, "out", "--engine", "dask", "--workers", 2, "--quiet", cwd=tmp_path))
+    assert_same_tree(dev_run[1], tmp_path / "out", ignore_summary_keys=IGNORE)
 
 
 @pytest.fixture(scope="module")
