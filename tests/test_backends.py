@@ -80,6 +80,16 @@ def test_dev_set_parity_with_facenet(dev_detections, backend):
     assert (deltas <= 0.5).mean() >= 0.995
 
 
+def test_jax_pnet_pads_levels_to_buckets_and_gives_each_levels_own_map(dev_detections):
+    """On JAX, P-Net compiles once for every input shape, so a level is padded to a bucket
+    size: the map is still the level's own (odd sizes, where the pool's SAME padding at the
+    edge matters, included), and sizes share compilations (tests/backend_detect.py's check)."""
+    need("jax")
+    levels = dev_detections[1]["jax"]["levels"]
+    assert levels["worst"] <= 1e-6, levels
+    assert levels["compilations"] < levels["sizes"], levels    # (250, 251) and (251, 250) share one; so do the two near 100
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_arcface_crops_within_one_gray_level_of_facenets_landmarks(dev_detections, backend):
     """The arcface crop of each face from the backend's landmarks against the crop from
@@ -100,37 +110,6 @@ def test_arcface_crops_within_one_gray_level_of_facenets_landmarks(dev_detection
     print(f"{backend}: {compared} arcface crops, largest difference from facenet's {worst} gray levels")
     assert compared >= 0.99 * sum(len(row["landmarks"]) for row in rows)
     assert worst <= 1
-
-
-JAX_LEVELS = """
-import numpy as np
-from facenet_nets.nets import NORM_MEAN, NORM_SCALE, build_nets
-nets = build_nets()
-x = np.random.default_rng(0).integers(0, 256, (3, 251, 250, 3), dtype=np.uint8)
-worst, sizes = 0.0, [(12, 12), (13, 17), (25, 31), (37, 12), (99, 64), (100, 63), (250, 251), (251, 250)]
-for h, w in sizes:
-    level = x[:, :h, :w]
-    want = nets.pnet_model((level.astype(np.float32) - NORM_MEAN) * NORM_SCALE, training=False)
-    for got in (nets.pnet_levels(level), nets.pnet((level.astype(np.float32) - NORM_MEAN) * NORM_SCALE)):
-        for a, b in zip(got, want):
-            b = np.asarray(b)
-            assert a.shape == b.shape, (h, w, a.shape, b.shape)
-            worst = max(worst, float(np.abs(a - b).max()))
-print(worst, nets.pnet_levels.compilations(), len(sizes))
-"""
-
-
-def test_jax_pnet_pads_levels_to_buckets_and_gives_each_levels_own_map():
-    """On JAX, P-Net compiles once for every input shape, so a level is padded to a bucket
-    size: the map is still the level's own (odd sizes, where the pool's SAME padding at the
-    edge matters, included), and sizes share compilations."""
-    need("jax")
-    proc = subprocess.run([sys.executable, "-c", JAX_LEVELS], env=env("jax"), capture_output=True,
-                          text=True, timeout=TIMEOUT_S)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    worst, compilations, sizes = proc.stdout.split()
-    assert float(worst) <= 1e-6
-    assert int(compilations) < int(sizes)       # (250, 251) and (251, 250) share one; so do the two near 100
 
 
 def photo_folder(root: Path, sample_paths: dict, lfw: int = 0) -> Path:

@@ -285,18 +285,6 @@ def test_no_worker_writes_after_its_client_is_gone(photos, scheduler, tmp_path):
     assert started[0].poll() is None, "the worker itself should live on"
 
 
-def test_dask_engine_through_python_with_a_connected_client(photos, local_run, tmp_path, monkeypatch):
-    from distributed import Client, LocalCluster
-    from align import align_dataset
-    monkeypatch.chdir(tmp_path)                 # "out", as the local run's records name it
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
-                      dashboard_address=None) as cluster, Client(cluster) as client:
-        summary = align_dataset(photos, "out", client=client, quiet=True)
-    assert summary["engine"] == "dask" and summary["workers"] == 1
-    assert summary["aligned"] == 36
-    assert_same_tree(local_run, tmp_path / "out", ignore_summary_keys=IGNORE)
-
-
 def test_a_second_client_on_a_locked_output_is_refused(photos, tmp_path):
     out = tmp_path / "out"
     (out / ".align_dataset" / "journal").mkdir(parents=True)
@@ -347,10 +335,10 @@ def many_photos(sample_paths, tmp_path_factory) -> tuple[Path, Path]:
 
 
 def test_workers_that_join_and_leave_mid_run_get_shards_and_lose_nothing(many_photos, tmp_path, monkeypatch):
-    """A LocalCluster of one worker scaled to three once the first batch is journaled (what
-    Dask's adaptive scaling and dask-jobqueue do), then back to one once each joining worker has
-    finished a shard and all three hold one: the leaving workers' shards are rerun, and the tree
-    is the local engine's."""
+    """align_dataset(..., client=) from Python on a LocalCluster of one worker, scaled to three
+    once the first batch is journaled (what Dask's adaptive scaling and dask-jobqueue do), then
+    back to one once each joining worker has finished a shard and all three hold one: the
+    leaving workers' shards are rerun, and the tree is the local engine's."""
     import threading
 
     from distributed import Client, LocalCluster
@@ -396,7 +384,7 @@ def test_workers_that_join_and_leave_mid_run_get_shards_and_lose_nothing(many_ph
     assert len(seen["joined"]) == 2 and seen["joined"] <= seen["ran"], seen
     assert len(seen["busy"]) == 3, seen
     assert seen["done_before_leaving"] < 192, "the run ended before workers left"
-    assert summary["workers"] == 3 and summary["aligned"] == 192
+    assert summary["engine"] == "dask" and summary["workers"] == 3 and summary["aligned"] == 192
     assert_same_tree(local_out, out, ignore_summary_keys=IGNORE)
 
 
