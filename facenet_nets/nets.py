@@ -192,10 +192,7 @@ def compiled(fn: Callable, shape: tuple, dtype: str = "float32") -> Callable:
 
         def batch_of_power_of_two(x):
             """A compilation per input size and power of two, not per batch size."""
-            n = len(x)
-            padded = np.zeros((1 << (n - 1).bit_length(),) + x.shape[1:], x.dtype)
-            padded[:n] = x
-            return [np.asarray(o)[:n] for o in jitted(padded)]
+            return [np.asarray(o)[:len(x)] for o in jitted(_padded(x, _power_of_two(len(x))))]
         batch_of_power_of_two.compilations = jitted._cache_size
         return batch_of_power_of_two
     if BACKEND == "torch":
@@ -206,6 +203,23 @@ def compiled(fn: Callable, shape: tuple, dtype: str = "float32") -> Callable:
                 return fn(x)
         return no_grad
     return fn
+
+
+def _power_of_two(n: int) -> int:
+    """The smallest power of two >= n (n >= 1)."""
+    return 1 << (n - 1).bit_length()
+
+
+def _padded(x: np.ndarray, *sizes: int) -> np.ndarray:
+    """x in the corner of zeros `sizes` long in its first axes (each >= x's)."""
+    padded = np.zeros(sizes + x.shape[len(sizes):], x.dtype)
+    padded[tuple(slice(0, n) for n in x.shape[:len(sizes)])] = x
+    return padded
+
+
+def _normalised(levels):
+    """uint8 pyramid levels as P-Net takes them, normalised as facenet normalises them."""
+    return (ops.cast(levels, "float32") - NORM_MEAN) * NORM_SCALE
 
 
 def bucket(n: int) -> int:
@@ -229,7 +243,7 @@ def _pnet_in_buckets(model: keras.Model, normalise: bool) -> Callable:
 
     def forward(x, conv_rows, conv_cols):
         if normalise:
-            x = (ops.cast(x, "float32") - NORM_MEAN) * NORM_SCALE
+            x = _normalised(x)
         x = prelu1(conv1(x), valid=(conv_rows, conv_cols))
         for layer in rest:
             x = layer(x)
@@ -238,9 +252,7 @@ def _pnet_in_buckets(model: keras.Model, normalise: bool) -> Callable:
 
     def run(x):
         n, h, w = x.shape[:3]
-        padded = np.zeros((1 << (n - 1).bit_length(), bucket(h), bucket(w)) + x.shape[3:], x.dtype)
-        padded[:n, :h, :w] = x
-        reg, prob = jitted(padded, h - 2, w - 2)
+        reg, prob = jitted(_padded(x, _power_of_two(n), bucket(h), bucket(w)), h - 2, w - 2)
         out_h, out_w = -(-(h - 2) // 2) - 4, -(-(w - 2) // 2) - 4
         return np.asarray(reg)[:n, :out_h, :out_w], np.asarray(prob)[:n, :out_h, :out_w]
     run.compilations = jitted._cache_size
@@ -287,7 +299,7 @@ def build_nets(weights_dir: str | os.PathLike | None = None) -> Nets:
     onet = build_onet(load_weights("det3.npy", weights_dir))
 
     def pnet_levels(levels):
-        return pnet((ops.cast(levels, "float32") - NORM_MEAN) * NORM_SCALE, training=False)
+        return pnet(_normalised(levels), training=False)
 
     if BACKEND == "jax":
         pnet_any, pnet_levels_any = _pnet_in_buckets(pnet, False), _pnet_in_buckets(pnet, True)

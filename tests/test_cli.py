@@ -539,14 +539,12 @@ def test_a_journal_lost_mid_run_is_one_error_line_and_the_rerun_completes(big_di
     args = (big_dir, "out", "--workers", 2, "--quiet")
     proc = start_align(*args, cwd=tmp_path)
     out = tmp_path / "out"
-    lost = []
 
     def remove_a_written_journal() -> bool:
         for p in journal_dir(out).glob("*.jsonl") if journal_dir(out).is_dir() else ():
             with contextlib.suppress(FileNotFoundError):
                 if p.read_bytes().count(b"\n"):
                     p.unlink()
-                    lost.append(p.name)
                     return True
         return False
     wait_for(remove_a_written_journal, proc, "a journal line was written")
